@@ -1,0 +1,1 @@
+"""The ``rclip`` command line: thin commands over :mod:`rclip_core`."""

@@ -1,0 +1,88 @@
+"""The ``rclip`` Click group: global options, error handling and the table of subcommands.
+
+Subcommands are imported only when used (so ``rclip vocab`` never pays for importing torch), from the explicit table
+``COMMANDS`` below.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import sys
+
+import click
+
+from rclip_core.errors import RclipError
+
+# name -> "module:attribute". One explicit table; no registration magic.
+COMMANDS: dict[str, str] = {
+    "demo": "rclip_cli.demo:demo",
+    "embed": "rclip_cli.embed:embed",
+    "eval": "rclip_cli.eval:eval_cmd",
+    "vocab": "rclip_cli.vocab:vocab",
+    "weights": "rclip_cli.weights:weights",
+    "zeroshot": "rclip_cli.zeroshot:zeroshot",
+}
+
+
+class RclipGroup(click.Group):
+    """A group that loads subcommands lazily and turns user errors into one line and exit code 1."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in COMMANDS:
+            return None
+        module, attr = COMMANDS[name].split(":")
+        return getattr(importlib.import_module(module), attr)
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except RclipError as e:
+            click.echo(f"Error: {e}", err=True)
+            sys.exit(1)
+        except KeyboardInterrupt:
+            click.echo("Interrupted; finished outputs are kept, unfinished ones were not written.", err=True)
+            sys.exit(130)
+
+
+@click.group(cls=RclipGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
+    default="info",
+    show_default=True,
+    help="How much the library logs to stderr.",
+)
+@click.option(
+    "--device",
+    default=None,
+    help="Torch device for models (cpu, cuda, cuda:1, ...). Default: cuda when available, else cpu.",
+)
+@click.version_option(package_name="rclip")
+@click.pass_context
+def cli(ctx: click.Context, log_level: str, device: str | None) -> None:
+    """rclip: region-level CLIP (RegionCLIP) for open-vocabulary recognition and detection.
+
+    \b
+    Typical chain:
+      rclip vocab build captions.json --out concepts.txt   # concept pool from captions
+      rclip embed --names concepts.txt --out concepts.pt   # text embeddings
+      rclip zeroshot --gt-boxes ann.json --images DIR --embeddings classes.pt --out dets.json
+      rclip eval --gt ann.json --dets dets.json            # COCO / LVIS AP
+    Run `rclip demo` for the whole chain on a generated toy world.
+    """
+    from rclip_cli.common import setup_logging
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    setup_logging(log_level)
+    ctx.ensure_object(dict)
+    ctx.obj["device"] = device
+    logging.getLogger("rclip").debug("device option: %s", device)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    cli()

@@ -1,0 +1,1 @@
+"""Datasets, transforms, category lists and the synthetic toy world."""
