@@ -29,7 +29,11 @@ console = Console(stderr=True)
 def setup_logging(level: str) -> None:
     """Route the library's ``logging`` through rich on stderr."""
     root = logging.getLogger()
-    root.handlers[:] = [RichHandler(console=console, show_path=False, show_time=False, markup=False)]
+    handler = RichHandler(console=console, show_path=False, show_time=False, markup=False)
+    # open_clip warns on the root logger whenever it builds a model without its own weights; rclip logs what it
+    # loaded itself, so that line only confuses.
+    handler.addFilter(lambda rec: not rec.getMessage().startswith("No pretrained weights loaded"))
+    root.handlers[:] = [handler]
     root.setLevel(logging.WARNING)
     logging.getLogger("rclip_core").setLevel(level.upper())
     logging.getLogger("rclip").setLevel(level.upper())
@@ -80,3 +84,53 @@ def make_progress(transient: bool = False) -> Progress:
         console=console,
         transient=transient,
     )
+
+
+def model_options(fn: Callable) -> Callable:
+    """``--variant`` and ``--weights``: shortcuts for ``--set model.variant=...`` / ``--set model.weights=...``.
+    Apply it *below* :func:`recipe_options` (nearer the function), so the recipe exists when they are merged."""
+
+    @click.option("--variant", default=None, help="CLIP variant: RN50, RN50x4 or tiny (default: the recipe's, RN50).")
+    @click.option("--weights", default=None,
+                  help="open_clip tag (e.g. openai; needs network), or a local .pt/.pth/.safetensors file "
+                       "(ours, OpenAI's, or from `rclip weights convert`). Default: the recipe's; none = random.")
+    @functools.wraps(fn)
+    def wrapper(*args: Any, variant: str | None, weights: str | None, recipe: Any, **kwargs: Any) -> Any:
+        if variant is not None:
+            recipe.model.variant = variant
+        if weights is not None:
+            recipe.model.weights = weights
+        return fn(*args, recipe=recipe, **kwargs)
+
+    return wrapper
+
+
+def load_clip(recipe: Any, device: str):
+    """The open_clip CLIP of ``recipe.model`` on ``device``, in eval mode."""
+    from rclip_core.clip_backbone import create_clip
+
+    return create_clip(recipe.model.variant, recipe.model.weights).to(device).eval()
+
+
+def recipe_sidecar(out: Path) -> Path:
+    """Where the resolved recipe of an output is saved: ``<out>.recipe.yaml``."""
+    return out.with_name(out.name + ".recipe.yaml")
+
+
+def save_outputs_recipe(recipe: Any, out: Path) -> None:
+    from rclip_core.recipes import save_recipe
+
+    save_recipe(recipe, recipe_sidecar(out), force=True)
+
+
+def progress_callback(progress: Progress, task: Any, unit: str) -> Callable[[int], None]:
+    """A callback ``(n_done) -> None`` that moves ``task`` and shows the rate in ``unit``/s."""
+    import time
+
+    start = time.perf_counter()
+
+    def update(done: int) -> None:
+        rate = done / max(time.perf_counter() - start, 1e-9)
+        progress.update(task, completed=done, rate=f"{rate:.1f} {unit}/s")
+
+    return update

@@ -62,7 +62,7 @@ def create_clip(variant: str, weights: str | None = None) -> nn.Module:
 
     Args:
         variant: a key of :data:`VARIANTS`.
-        weights: ``None`` (random init), an open_clip pretrained tag such as ``"openai"`` (downloads; online
+        weights: ``None`` (random init, seeded: the same model every time), an open_clip pretrained tag such as ``"openai"`` (downloads; online
             machines only), or a local file: an rclip checkpoint (``{"model": state_dict, ...}``, e.g. from
             ``rclip weights convert``), a bare open_clip/OpenAI state dict, or a ``.safetensors`` file.
 
@@ -77,7 +77,11 @@ def create_clip(variant: str, weights: str | None = None) -> nn.Module:
         open_clip.add_model_config(_TINY_CONFIG_DIR)
     tag = None if weights is None or _is_file_spec(weights) else weights
     try:
-        model = open_clip.create_model(spec.open_clip_name, pretrained=tag, pretrained_text=False)
+        # Random initialisation is seeded, so two commands given no weights build the same model (and the text
+        # fingerprint of `rclip embed` matches that of `rclip zeroshot`) without touching the global RNG.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = open_clip.create_model(spec.open_clip_name, pretrained=tag, pretrained_text=False)
     except RuntimeError as e:
         if tag is not None:
             raise RclipError(f"could not load open_clip weights '{tag}' for {variant}: {str(e).splitlines()[0]}") from None
