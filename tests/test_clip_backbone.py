@@ -1,0 +1,79 @@
+import pytest
+import torch
+
+from rclip_core.clip_backbone import VARIANTS, CLIPRegionEncoder, build_region_encoder, create_clip, get_variant
+from rclip_core.errors import RclipError
+
+
+def test_variant_table():
+    assert get_variant("RN50").pooler_resolution == 14
+    assert get_variant("RN50x4").pooler_resolution == 18
+    assert set(VARIANTS) >= {"RN50", "RN50x4", "tiny"}
+    with pytest.raises(RclipError, match="available: RN50, RN50x4, tiny"):
+        get_variant("RN101")
+
+
+def test_random_init_is_reproducible():
+    a, b = create_clip("tiny"), create_clip("tiny")
+    for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(va, vb), k
+
+
+def test_region_shapes_and_zero_boxes(tiny_clip):
+    enc = build_region_encoder(tiny_clip, "tiny")
+    images = torch.randn(2, 3, 160, 208)
+    res4 = enc.trunk(images)
+    assert res4.shape == (2, enc.res4_channels, 10, 13)
+    boxes = [torch.tensor([[0.0, 0.0, 50.0, 60.0], [10.0, 20.0, 200.0, 150.0]]), torch.tensor([[5.0, 5.0, 30.0, 30.0]])]
+    with torch.no_grad():
+        out = enc.region_head(res4, boxes)
+        assert out.shape == (3, enc.out_dim)
+        assert enc.region_head(res4, [torch.zeros(0, 4), torch.zeros(0, 4)]).shape == (0, enc.out_dim)
+        # An image without boxes next to one with boxes keeps the order right.
+        mixed = enc.region_head(res4, [torch.zeros(0, 4), boxes[1]])
+    assert torch.allclose(mixed[0], out[2], atol=1e-5)
+
+
+def test_full_image_box_equals_clip_image_encoder(tiny_clip):
+    """At the nominal 224 px, RoIAlign (aligned, 14×14) of the whole image samples res4 exactly at its pixels,
+    so the region path must reproduce CLIP's own image embedding: the pooling parameters are right."""
+    enc = build_region_encoder(tiny_clip, "tiny")
+    images = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        ours = enc.encode_image(images)
+        ref = tiny_clip.encode_image(images)
+    assert torch.allclose(ours, ref, atol=1e-4)
+
+
+def test_wrong_pooler_resolution_is_rejected(tiny_clip):
+    with pytest.raises(RclipError, match="use 14"):
+        CLIPRegionEncoder(tiny_clip.visual, pooler_resolution=7)
+
+
+def test_local_weight_files_load_strictly(tiny_clip, tmp_path):
+    from safetensors.torch import save_file
+
+    from rclip_core.checkpoint import save_checkpoint
+
+    torch.manual_seed(3)
+    src = create_clip("tiny")
+    for p in src.parameters():
+        p.data.add_(torch.randn_like(p) * 0.01)
+    save_checkpoint(tmp_path / "ours.pt", src)
+    torch.save(src.state_dict(), tmp_path / "bare.pth")
+    save_file({k: v.contiguous() for k, v in src.state_dict().items()}, tmp_path / "w.safetensors")
+    for name in ("ours.pt", "bare.pth", "w.safetensors"):
+        loaded = create_clip("tiny", str(tmp_path / name))
+        assert torch.equal(loaded.visual.conv1.weight, src.visual.conv1.weight), name
+    sd = src.state_dict()
+    sd.pop("visual.attnpool.c_proj.bias")
+    torch.save(sd, tmp_path / "partial.pth")
+    with pytest.raises(RclipError, match="missing: visual.attnpool.c_proj.bias"):
+        create_clip("tiny", str(tmp_path / "partial.pth"))
+    with pytest.raises(RclipError, match="shape mismatch"):
+        create_clip("RN50", str(tmp_path / "bare.pth"))
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(RclipError, match="not a readable checkpoint"):
+        create_clip("tiny", str(tmp_path / "junk.pt"))
+    with pytest.raises(RclipError, match="not found"):
+        create_clip("tiny", str(tmp_path / "missing.pt"))
