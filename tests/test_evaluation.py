@@ -13,8 +13,7 @@ import pytest
 
 from rclip_core.data.categories import coco_categories, coco_ovd_categories, lvis_categories
 from rclip_core.errors import RclipError
-from rclip_core.evaluation import (COCO_METRICS, LVIS_METRICS, coco_ovd_splits, detect_format, evaluate,
-                                   evaluate_files)
+from rclip_core.evaluation import COCO_METRICS, LVIS_METRICS, coco_ovd_splits, detect_format, evaluate, evaluate_files
 
 W, H = 640, 480
 

@@ -1,0 +1,70 @@
+"""``rclip eval``: COCO / LVIS box AP of a detections file, with the open-vocabulary breakdown."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from rclip_cli.common import console, force_option
+
+_SPLIT_LABELS = {"AP50_novel": ("AP50 novel", "novel"), "AP50_base": ("AP50 base", "base"),
+                 "AP50_all": ("AP50 all", "all"), "AP_rare": ("AP rare", "rare"),
+                 "AP_base": ("AP base (c+f)", "base")}
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1f}"
+
+
+@click.command("eval")
+@click.option("--gt", "gt_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Ground truth: COCO- or LVIS-format instances JSON.")
+@click.option("--dets", "dets_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Detections: COCO results JSON (image_id, category_id, bbox xywh, score).")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Metrics JSON. Default: beside DETS, named DETS_STEM.metrics.json.")
+@force_option
+def eval_cmd(gt_path: Path, dets_path: Path, out: Path | None, force: bool) -> None:
+    """Compute box AP of detections against ground truth, print a table and write the metrics as JSON.
+
+    \b
+    COCO ground truth (pycocotools): AP (IoU .50:.95), AP50, AP75, APs/APm/APl and per-category AP. When the
+    ground truth holds the COCO open-vocabulary classes (65- or 80-class files), also AP50 over the 17 novel,
+    48 base and all 65 classes, as RegionCLIP reports (AP50_split_target/base/all). Categories may instead
+    carry "split": "base"/"novel" to define their own split.
+    LVIS ground truth (categories with "frequency"; lvis package, 300 detections per image): AP, AP50, AP75,
+    APs/APm/APl, APr/APc/APf, and AP of rare (novel) vs common+frequent (base) classes.
+    All values are percentages (0-100); n/a means no ground truth falls in that group.
+
+    \b
+    Example:
+      rclip eval --gt instances_val2017.json --dets dets.json     # writes dets.metrics.json
+    """
+    from rich.console import Console
+    from rich.table import Table
+
+    from rclip_core.evaluation import evaluate_files
+    from rclip_core.io import check_writable, write_json
+
+    out = out or dets_path.with_name(f"{dets_path.stem}.metrics.json")
+    check_writable(out, force=force)  # fail before a long evaluation, not after
+    result = evaluate_files(gt_path, dets_path)
+
+    table = Table(title=f"{result['format'].upper()} box AP")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in result["metrics"].items():
+        table.add_row(key, _fmt(value))
+    if result["splits"]:
+        table.add_section()
+        for key, value in result["splits"].items():
+            label, split = _SPLIT_LABELS.get(key, (key, ""))
+            size = result["split_sizes"].get(split)
+            table.add_row(f"{label} ({size} classes)" if size is not None else label, _fmt(value))
+    stdout = Console()  # the table goes to stdout so it can be piped; logs and the note below go to stderr
+    stdout.print(table)
+    stdout.print(f"{result['num_detections']} detections, {result['num_images']} images, "
+                 f"{result['num_categories']} categories")
+    write_json(out, result, force=force)
+    console.print(f"wrote {out}")
