@@ -17,6 +17,24 @@ def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.1f}"
 
 
+def metrics_table(result: dict):
+    """A rich table of an :func:`rclip_core.evaluation.evaluate` result (also used by `rclip demo`)."""
+    from rich.table import Table
+
+    table = Table(title=f"{result['format'].upper()} box AP")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in result["metrics"].items():
+        table.add_row(key, _fmt(value))
+    if result["splits"]:
+        table.add_section()
+        for key, value in result["splits"].items():
+            label, split = _SPLIT_LABELS.get(key, (key, ""))
+            size = result["split_sizes"].get(split)
+            table.add_row(f"{label} ({size} classes)" if size is not None else label, _fmt(value))
+    return table
+
+
 @click.command("eval")
 @click.option("--gt", "gt_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Ground truth: COCO- or LVIS-format instances JSON.")
@@ -42,7 +60,6 @@ def eval_cmd(gt_path: Path, dets_path: Path, out: Path | None, force: bool) -> N
       rclip eval --gt instances_val2017.json --dets dets.json     # writes dets.metrics.json
     """
     from rich.console import Console
-    from rich.table import Table
 
     from rclip_core.evaluation import evaluate_files
     from rclip_core.io import check_writable, write_json
@@ -51,19 +68,8 @@ def eval_cmd(gt_path: Path, dets_path: Path, out: Path | None, force: bool) -> N
     check_writable(out, force=force)  # fail before a long evaluation, not after
     result = evaluate_files(gt_path, dets_path)
 
-    table = Table(title=f"{result['format'].upper()} box AP")
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    for key, value in result["metrics"].items():
-        table.add_row(key, _fmt(value))
-    if result["splits"]:
-        table.add_section()
-        for key, value in result["splits"].items():
-            label, split = _SPLIT_LABELS.get(key, (key, ""))
-            size = result["split_sizes"].get(split)
-            table.add_row(f"{label} ({size} classes)" if size is not None else label, _fmt(value))
     stdout = Console()  # the table goes to stdout so it can be piped; logs and the note below go to stderr
-    stdout.print(table)
+    stdout.print(metrics_table(result))
     stdout.print(f"{result['num_detections']} detections, {result['num_images']} images, "
                  f"{result['num_categories']} categories")
     write_json(out, result, force=force)
