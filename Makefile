@@ -12,7 +12,7 @@ $(BIN)/rclip: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH_PINS)
-	$(BIN)/pip install -q -e '.[dev,spacy-model]'
+	$(BIN)/pip install -q -e '.[dev,spacy-model,lookups]'
 	touch $(BIN)/rclip
 
 install: $(BIN)/rclip
@@ -32,6 +32,7 @@ lint: install
 bench: install
 	$(BIN)/python benchmarks/zeroshot_gtbox.py --quick
 	$(BIN)/python benchmarks/text_embed.py --quick
+	$(BIN)/python benchmarks/vocab_build.py --quick
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

@@ -38,7 +38,7 @@ def make_data(root: Path, n_images: int, n_boxes: int, n_classes: int) -> Path:
     for i in range(n_images):
         Image.fromarray(rng.integers(0, 255, (480, 640, 3), dtype=np.uint8)).save(root / "images" / f"{i}.jpg")
         images.append({"id": i + 1, "file_name": f"{i}.jpg", "width": 640, "height": 480})
-        for j in range(n_boxes):
+        for _ in range(n_boxes):
             x, y = rng.uniform(0, 500), rng.uniform(0, 350)
             w, h = rng.uniform(20, 140), rng.uniform(20, 130)
             anns.append({"id": len(anns) + 1, "image_id": i + 1, "category_id": int(rng.integers(1, n_classes + 1)),

@@ -114,16 +114,19 @@ def _draw(ds, results: list[dict], names: dict[int, str], path: Path, Image, n: 
 
     tiles = []
     for rec in ds.records[:n]:
-        img = torch.from_numpy(np.asarray(read_image(ds.image_dir / rec.file_name)).copy()).permute(2, 0, 1)
+        pil = read_image(ds.image_dir / rec.file_name)
+        zoom = max(1, 256 // max(pil.size))  # toy images are tiny: enlarge so the labels stay legible
+        pil = pil.resize((pil.width * zoom, pil.height * zoom), Image.NEAREST)
+        img = torch.from_numpy(np.asarray(pil).copy()).permute(2, 0, 1)
         dets = sorted((d for d in results if d["image_id"] == rec.id), key=lambda d: -d["score"])
         best: dict[tuple, dict] = {}
         for d in dets:  # one label per box: the highest-scoring class
             best.setdefault(tuple(d["bbox"]), d)
-        boxes = torch.tensor([[x, y, x + w, y + h] for x, y, w, h in best], dtype=torch.float32).reshape(-1, 4)
+        boxes = zoom * torch.tensor([[x, y, x + w, y + h] for x, y, w, h in best], dtype=torch.float32).reshape(-1, 4)
         chosen = list(best.values())
         tiles.append(draw_detections(img, boxes, [names[d["category_id"]] for d in chosen],
                                      torch.tensor([d["score"] for d in chosen]),
-                                     [d["category_id"] for d in chosen], width=1))
+                                     [d["category_id"] for d in chosen], width=2))
     grid = tile(tiles).permute(1, 2, 0).numpy()
     with atomic_open(path, "wb") as f:
         Image.fromarray(grid).save(f, format="PNG")

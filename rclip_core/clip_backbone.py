@@ -62,9 +62,10 @@ def create_clip(variant: str, weights: str | None = None) -> nn.Module:
 
     Args:
         variant: a key of :data:`VARIANTS`.
-        weights: ``None`` (random init, seeded: the same model every time), an open_clip pretrained tag such as ``"openai"`` (downloads; online
-            machines only), or a local file: an rclip checkpoint (``{"model": state_dict, ...}``, e.g. from
-            ``rclip weights convert``), a bare open_clip/OpenAI state dict, or a ``.safetensors`` file.
+        weights: ``None`` (random init, seeded: the same model every time), an open_clip pretrained tag such as
+            ``"openai"`` (downloads; online machines only), or a local file: an rclip checkpoint
+            (``{"model": state_dict, ...}``, e.g. from ``rclip weights convert``), a bare open_clip/OpenAI state
+            dict, or a ``.safetensors`` file.
 
     Returns:
         ``open_clip.CLIP`` in eval mode.
@@ -84,7 +85,8 @@ def create_clip(variant: str, weights: str | None = None) -> nn.Module:
             model = open_clip.create_model(spec.open_clip_name, pretrained=tag, pretrained_text=False)
     except RuntimeError as e:
         if tag is not None:
-            raise RclipError(f"could not load open_clip weights '{tag}' for {variant}: {str(e).splitlines()[0]}") from None
+            first = str(e).splitlines()[0]
+            raise RclipError(f"could not load open_clip weights '{tag}' for {variant}: {first}") from None
         raise
     if weights is not None and tag is None:
         from rclip_core.checkpoint import load_model_weights

@@ -5,8 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from rclip_core.data.coco import (BoxStats, RegionDataset, attach_proposals, images_in_folder,
-                                  load_detection_annotations)
+from rclip_core.data.coco import BoxStats, RegionDataset, attach_proposals, images_in_folder, load_detection_annotations
 from rclip_core.data.transforms import pad_batch, read_image, resize_shortest_edge, shortest_edge_size
 from rclip_core.errors import RclipError
 
@@ -38,7 +37,8 @@ def test_bad_annotation_files(tmp_path):
     with pytest.raises(RclipError, match=r"annotations\[0\] lacks key 'bbox'"):
         load_detection_annotations(_ann(tmp_path, annotations=[{"image_id": 1, "category_id": 3}]))
     with pytest.raises(RclipError, match="image_id 7"):
-        load_detection_annotations(_ann(tmp_path, annotations=[{"image_id": 7, "category_id": 3, "bbox": [0, 0, 1, 1]}]))
+        bad = [{"image_id": 7, "category_id": 3, "bbox": [0, 0, 1, 1]}]
+        load_detection_annotations(_ann(tmp_path, annotations=bad))
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(RclipError, match="malformed JSON at line 1"):
         load_detection_annotations(tmp_path / "bad.json")
