@@ -6,8 +6,17 @@ from pathlib import Path
 
 import click
 
-from rclip_cli.common import (console, force_option, get_device, load_clip, make_progress, model_options,
-                              progress_callback, recipe_options, save_outputs_recipe)
+from rclip_cli.common import (
+    console,
+    force_option,
+    get_device,
+    load_clip,
+    make_progress,
+    model_options,
+    progress_callback,
+    recipe_options,
+    save_outputs_recipe,
+)
 from rclip_core.errors import RclipError
 
 
