@@ -138,5 +138,16 @@ def test_zeroshot_with_proposals_fuses_objectness(runner, small_coco):
     assert res.exit_code == 0, res.output
     sig = json.loads((small_coco["dir"] / "s.json").read_text())
     assert max(d["score"] for d in sig) <= 1.0 and any(d["bbox"] == [0, 0, 20, 20] for d in sig)
-    res = CliRunner().invoke(cli, [*base[:2], *base[4:], "--out", "q.json"])
-    assert res.exit_code == 1 and "--annotations" in res.output
+    # Folder mode: no annotation file; ids follow the sorted folder listing, file names must agree.
+    folder = ["zeroshot", "--proposals", str(pfile), *base[5:]]
+    res = CliRunner().invoke(cli, [*folder, "--out", str(small_coco["dir"] / "f.json")])
+    assert res.exit_code == 0, res.output
+    listing = json.loads((small_coco["dir"] / "f.images.json").read_text())
+    assert [im["file_name"] for im in listing["images"]] == ["1.png", "2.png", "3.png", "broken.png"]
+    assert [c["name"] for c in listing["categories"]] == ["cat", "dog"]
+    props[0]["file_name"] = "2.png"
+    pfile.write_text(json.dumps(props))
+    res = CliRunner().invoke(cli, [*folder, "--out", str(small_coco["dir"] / "g.json")])
+    assert res.exit_code == 1 and "'2.png' there but '1.png' here" in res.output
+    res = CliRunner().invoke(cli, [*folder, "--gt-boxes", str(small_coco["ann"]), "--out", "h.json"])
+    assert res.exit_code == 1 and "exactly one region source" in res.output

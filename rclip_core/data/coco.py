@@ -122,19 +122,22 @@ def images_in_folder(folder: str | os.PathLike) -> list[ImageRecord]:
     return [ImageRecord(id=i + 1, file_name=f.name) for i, f in enumerate(files)]
 
 
-def attach_proposals(records: list[ImageRecord], path: str | os.PathLike, stats: BoxStats) -> None:
-    """Attach precomputed proposals to ``records``.
+def attach_proposals(records: list[ImageRecord], source: str | os.PathLike | list[dict], stats: BoxStats) -> None:
+    """Attach precomputed proposals to ``records`` (matched by ``image_id``).
 
-    File format (JSON): a list (or ``{"proposals": [...]}``) of ``{"image_id": int, "boxes": [[x1, y1, x2, y2], ...]
-    (xyxy pixels of the image on disk), "objectness": [float, ...]}`` — raw RPN logits, as the original keeps them.
+    File format (JSON; ``source`` may also be the already-loaded list): a list (or ``{"proposals": [...]}``) of
+    ``{"image_id": int, "boxes": [[x1, y1, x2, y2], ...] (xyxy pixels of the image on disk), "objectness": [float,
+    ...], "file_name"?: str}`` — raw RPN logits, as the original keeps them. An entry's ``file_name``, when present,
+    must agree with the record's, so proposals made for another image list are not silently misapplied.
     """
-    data = read_json(path, what="proposals file")
+    name = "proposals" if isinstance(source, list) else str(source)
+    data = source if isinstance(source, list) else read_json(source, what="proposals file")
     items = data.get("proposals") if isinstance(data, dict) else data
     if not isinstance(items, list):
-        raise RclipError(f"{path}: expected a list of {{image_id, boxes, objectness}}")
+        raise RclipError(f"{name}: expected a list of {{image_id, boxes, objectness}}")
     by_id = {r.id: r for r in records}
     for j, item in enumerate(items):
-        where = f"{path}: proposals[{j}]"
+        where = f"{name}: proposals[{j}]"
         iid = int(_req(item, "image_id", where))
         boxes = torch.tensor(_req(item, "boxes", where), dtype=torch.float32).reshape(-1, 4)
         obj = torch.tensor(_req(item, "objectness", where), dtype=torch.float32).reshape(-1)
@@ -143,6 +146,8 @@ def attach_proposals(records: list[ImageRecord], path: str | os.PathLike, stats:
         if iid not in by_id:
             continue  # proposals for images outside this run (e.g. --limit) are ignored
         rec = by_id[iid]
+        if "file_name" in item and item["file_name"] != rec.file_name:
+            raise RclipError(f"{where}: image_id {iid} is {item['file_name']!r} there but {rec.file_name!r} here")
         rec.proposals, keep = _clean(boxes, rec.width, rec.height, stats)
         rec.objectness = obj[keep]
 
