@@ -134,3 +134,21 @@ def progress_callback(progress: Progress, task: Any, unit: str) -> Callable[[int
         progress.update(task, completed=done, rate=f"{rate:.1f} {unit}/s")
 
     return update
+
+
+def class_embeddings(clip: Any, recipe: Any, *, classes: str | None, vocab: Path | None, embeddings: Path | None):
+    """Class embeddings from exactly one of: comma-separated ``classes``, a ``vocab`` names file (both embedded now
+    with the recipe's templates), or an ``embeddings`` file (checked against ``clip``'s text tower)."""
+    from rclip_core import text_embed as te
+    from rclip_core.text_encoder import TextEncoder
+
+    if sum(x is not None for x in (classes, vocab, embeddings)) != 1:
+        raise RclipError("give exactly one of --classes, --vocab, --embeddings")
+    encoder = TextEncoder(clip)
+    if embeddings is not None:
+        return te.load_embeddings(embeddings, dim=encoder.out_dim, fingerprint=encoder.fingerprint())
+    names = te.names_from_text(vocab) if vocab is not None else [c.strip() for c in classes.split(",") if c.strip()]
+    if not names:
+        raise RclipError("--classes: the class list is empty")
+    return te.embed_names(encoder, te.dedupe(names), templates=te.TEMPLATE_SETS[recipe.text.templates],
+                          batch_size=recipe.text.batch_size, truncate=recipe.text.truncate)

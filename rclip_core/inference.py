@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 class InferenceSummary:
     images: int = 0
     images_skipped: list[str] = field(default_factory=list)  # one line per unreadable image
+    skipped_ids: list[int] = field(default_factory=list)
     images_without_regions: int = 0
     images_without_detections: int = 0
     regions: int = 0
@@ -65,6 +66,7 @@ def run_detection(detector: ZeroShotDetector, dataset: Dataset, *, category_ids:
                     raise RclipError(item["error"])
                 log.warning("skipped: %s", item["error"])
                 summary.images_skipped.append(item["error"])
+                summary.skipped_ids.append(item["image_id"])
             elif item["boxes"].shape[0] == 0:
                 summary.images_without_regions += 1
                 summary.images += 1

@@ -122,6 +122,24 @@ def images_in_folder(folder: str | os.PathLike) -> list[ImageRecord]:
     return [ImageRecord(id=i + 1, file_name=f.name) for i, f in enumerate(files)]
 
 
+def images_from_paths(paths: list[str | os.PathLike]) -> list[ImageRecord]:
+    """Image files given one by one and/or as folders (their images, sorted) → records with absolute file names
+    and ids 1..N in that order. Files given explicitly are kept whatever their extension (a bad one is reported
+    when read)."""
+    files: list[Path] = []
+    for raw in paths:
+        p = Path(raw)
+        if p.is_dir():
+            files.extend(r_path for r_path in sorted(p.iterdir()) if r_path.suffix.lower() in IMAGE_EXTENSIONS)
+        elif p.exists():
+            files.append(p)
+        else:
+            raise RclipError(f"no such image or folder: {p}")
+    if not files:
+        raise RclipError(f"no image files in {', '.join(str(p) for p in paths)}")
+    return [ImageRecord(id=i + 1, file_name=str(f.resolve())) for i, f in enumerate(files)]
+
+
 def attach_proposals(records: list[ImageRecord], source: str | os.PathLike | list[dict], stats: BoxStats) -> None:
     """Attach precomputed proposals to ``records`` (matched by ``image_id``).
 

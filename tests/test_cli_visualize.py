@@ -1,0 +1,64 @@
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from rclip_cli.main import cli
+
+skimage_data = pytest.importorskip("skimage.data")
+
+
+@pytest.fixture()
+def astronaut(tmp_path):
+    """scikit-image's astronaut photo as JPEG (EXIF-free), a grayscale copy, an RGBA copy, and a GT file."""
+    arr = skimage_data.astronaut()  # (512, 512, 3)
+    d = tmp_path / "photos"
+    d.mkdir()
+    Image.fromarray(arr).save(d / "astronaut.jpg", quality=95)
+    Image.fromarray(arr).convert("L").save(d / "gray.png")
+    Image.fromarray(arr).convert("RGBA").save(d / "rgba.png")
+    (d / "broken.jpg").write_bytes(b"\xff\xd8 not really")
+    boxes = {"face": [160, 30, 120, 140], "rocket": [380, 0, 132, 300]}
+    ann = {"images": [{"id": i + 1, "file_name": n, "width": 512, "height": 512}
+                      for i, n in enumerate(["astronaut.jpg", "gray.png", "rgba.png", "broken.jpg"])],
+           "annotations": [{"id": k + 10 * i, "image_id": i + 1, "category_id": k + 1, "bbox": b, "iscrowd": 0,
+                            "area": b[2] * b[3]} for i in range(4) for k, b in enumerate(boxes.values())],
+           "categories": [{"id": 1, "name": "face"}, {"id": 2, "name": "rocket"}]}
+    (tmp_path / "ann.json").write_text(json.dumps(ann))
+    return {"dir": d, "ann": tmp_path / "ann.json", "boxes": boxes, "array": arr}
+
+
+def test_gt_boxes_are_drawn_on_a_real_photo(astronaut, tmp_path):
+    out = tmp_path / "vis"
+    res = CliRunner().invoke(cli, ["visualize", str(astronaut["dir"]), "--gt-boxes", str(astronaut["ann"]),
+                                   "--classes", "face,rocket,helmet", "--variant", "tiny", "--out", str(out),
+                                   "--score-thresh", "0", "--html", "--set", "input.min_size=256"])
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in out.glob("*.png")) == ["astronaut.png", "gray.png", "rgba.png"]
+    assert "1 unreadable skipped" in res.output
+    drawn = np.asarray(Image.open(out / "astronaut.png").convert("RGB")).astype(int)
+    original = np.asarray(Image.open(astronaut["dir"] / "astronaut.jpg").convert("RGB")).astype(int)
+    x, y, w, h = astronaut["boxes"]["face"]
+    edge = np.abs(drawn[y + 1, x + 5: x + w - 5] - original[y + 1, x + 5: x + w - 5]).sum()
+    inside = np.abs(drawn[y + h // 2, x + w // 2] - original[y + h // 2, x + w // 2]).sum()
+    far = np.abs(drawn[480:, :100] - original[480:, :100]).sum()
+    assert edge > 1000 and inside == 0 and far == 0  # outline drawn, content and elsewhere untouched
+    html = (out / "index.html").read_text()
+    assert "astronaut.png" in html and "broken.jpg" not in html
+    # overwriting needs --force
+    again = CliRunner().invoke(cli, ["visualize", str(astronaut["dir"]), "--gt-boxes", str(astronaut["ann"]),
+                                     "--classes", "face", "--variant", "tiny", "--out", str(out)])
+    assert again.exit_code == 1 and "already exists" in again.output
+
+
+def test_bad_input(astronaut, tmp_path):
+    base = ["visualize", str(astronaut["dir"]), "--variant", "tiny", "--out", str(tmp_path / "v")]
+    res = CliRunner().invoke(cli, [*base, "--gt-boxes", str(astronaut["ann"]), "--classes", " , "])
+    assert res.exit_code == 1 and "class list is empty" in res.output
+    res = CliRunner().invoke(cli, [*base, "--classes", "cat"])
+    assert res.exit_code == 1 and "region source" in res.output
+    res = CliRunner().invoke(cli, ["visualize", str(tmp_path / "nope"), "--gt-boxes", str(astronaut["ann"]),
+                                   "--classes", "cat", "--variant", "tiny", "--out", str(tmp_path / "v")])
+    assert res.exit_code == 1 and "no such image or folder" in res.output
