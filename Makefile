@@ -33,6 +33,7 @@ bench: install
 	$(BIN)/python benchmarks/zeroshot_gtbox.py --quick
 	$(BIN)/python benchmarks/text_embed.py --quick
 	$(BIN)/python benchmarks/vocab_build.py --quick
+	$(BIN)/python benchmarks/rpn_proposals.py --quick
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

@@ -20,6 +20,8 @@ COMMANDS: dict[str, str] = {
     "demo": "rclip_cli.demo:demo",
     "embed": "rclip_cli.embed:embed",
     "eval": "rclip_cli.eval:eval_cmd",
+    "rpn": "rclip_cli.rpn:rpn",
+    "visualize": "rclip_cli.visualize:visualize",
     "vocab": "rclip_cli.vocab:vocab",
     "weights": "rclip_cli.weights:weights",
     "zeroshot": "rclip_cli.zeroshot:zeroshot",

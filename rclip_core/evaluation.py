@@ -317,3 +317,151 @@ def _evaluate_lvis(gt: dict, dets: list[dict]) -> dict[str, Any]:
                      "AP_base": _mean_precision(precision[:, :, [column[i] for i in base]])}
     per_cat = _per_category(gt["categories"], cat_ids, [_mean_precision(precision[:, :, k]) for k in column.values()])
     return _result("lvis", gt, dets, metrics, split_metrics, sizes, per_cat)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# proposal recall
+
+PROPOSAL_LIMITS = (100, 300, 1000)
+RECALL_IOUS = tuple(round(0.5 + 0.05 * i, 2) for i in range(10))  # 0.50:0.95, as COCO AR
+
+
+def evaluate_proposal_files(gt_path: str | os.PathLike, proposals_path: str | os.PathLike, *,
+                            limits: Sequence[int] = PROPOSAL_LIMITS) -> dict[str, Any]:
+    """Class-agnostic recall of a proposals file (``rclip rpn propose``) against a COCO/LVIS ground truth.
+
+    See :func:`evaluate_proposals`.
+    """
+    gt = read_json(gt_path, what="ground-truth file")
+    proposals = read_json(proposals_path, what="proposals file")
+    return evaluate_proposals(gt, proposals, gt_source=str(gt_path), proposals_source=str(proposals_path),
+                              limits=limits)
+
+
+def evaluate_proposals(gt: Any, proposals: Any, *, gt_source: str = "ground truth",
+                       proposals_source: str = "proposals", limits: Sequence[int] = PROPOSAL_LIMITS
+                       ) -> dict[str, Any]:
+    """Average recall of class-agnostic proposals, overall and for base vs novel categories.
+
+    Computed directly with ``torchvision.ops.box_iou``, with detectron2's proposal-evaluation matching (the
+    original's ``COCOEvaluator`` box-proposal metrics): per image, the top-``limit`` proposals by objectness are
+    matched one-to-one to the non-crowd ground-truth boxes greedily, best IoU pair first; each box's matched IoU then
+    counts as recalled at every threshold it reaches. ``AR@k`` is the mean recall over IoU 0.50:0.95 (COCO's AR),
+    ``R50@k`` the recall at IoU 0.5. A split's recall matches proposals against that split's boxes only. Images
+    without a proposals entry have no proposals; entries for images not in the ground truth are ignored (counted).
+
+    Args:
+        gt: a COCO/LVIS instances dict. Splits: LVIS frequency (novel = rare, base = common + frequent), else
+            :func:`coco_ovd_splits` (a ``split`` field or COCO's 48/17 names).
+        proposals: a list (or ``{"proposals": [...]}``) of ``{"image_id", "boxes" (xyxy), "objectness"}``.
+        limits: proposals per image to evaluate at.
+
+    Returns:
+        ``{"format": "proposals", "num_images", "num_images_with_proposals", "entries_ignored",
+        "num_boxes": {group: n}, "recall": {group: {"AR@k": %, "R50@k": %, ...}}, "split_sizes"}`` with groups
+        ``all`` and, when the categories have a split, ``base`` and ``novel``; values in percent, None without boxes.
+    """
+    import torch
+    from torchvision.ops import box_iou
+
+    fmt = detect_format(gt, source=gt_source)
+    _check_gt(gt, fmt, gt_source)
+    by_image = _proposals_by_image(proposals, proposals_source)
+    if fmt == "lvis":
+        groups = {"novel": {c["id"] for c in gt["categories"] if c["frequency"] == "r"},
+                  "base": {c["id"] for c in gt["categories"] if c["frequency"] != "r"}}
+    else:
+        groups = {k: set(v) for k, v in coco_ovd_splits(gt["categories"]).items() if k != "all"}
+    gt_boxes: dict[Any, list[tuple[list[float], Any]]] = {img["id"]: [] for img in gt["images"]}
+    for a in gt["annotations"]:
+        if a.get("iscrowd", 0) or a["image_id"] not in gt_boxes:
+            continue
+        x, y, w, h = (float(v) for v in a["bbox"])
+        gt_boxes[a["image_id"]].append(([x, y, x + w, y + h], a["category_id"]))
+
+    limits = sorted(int(k) for k in limits)
+    names = ["all", *groups]
+    # Matched IoU of every ground-truth box, per group and limit (0 when unmatched).
+    overlaps: dict[str, dict[int, list]] = {g: {k: [] for k in limits} for g in names}
+    for image_id, items in gt_boxes.items():
+        if not items:
+            continue
+        boxes = torch.tensor([b for b, _ in items], dtype=torch.float32)  # (G, 4)
+        cats = [c for _, c in items]
+        props = by_image.get(image_id, torch.zeros((0, 4)))  # (P, 4), best first
+        ious = box_iou(props[: limits[-1]], boxes)  # (P, G)
+        for g in names:
+            cols = [j for j, c in enumerate(cats) if g == "all" or c in groups[g]]
+            if not cols:
+                continue
+            for k in limits:
+                overlaps[g][k].append(_greedy_matched_ious(ious[:k, cols]))
+    recall: dict[str, dict[str, float | None]] = {}
+    num_boxes: dict[str, int] = {}
+    for g in names:
+        ar, r50 = {}, {}
+        for k in limits:
+            ovr = torch.cat(overlaps[g][k]) if overlaps[g][k] else torch.zeros(0)
+            num_boxes[g] = int(ovr.numel())
+            rec = [float((ovr >= t).float().mean()) * 100.0 if ovr.numel() else None for t in RECALL_IOUS]
+            ar[f"AR@{k}"] = None if rec[0] is None else float(np.mean(rec))
+            r50[f"R50@{k}"] = rec[0]
+        recall[g] = {**ar, **r50}
+    ignored = sum(1 for i in by_image if i not in gt_boxes)
+    if ignored:
+        log.warning("%s: %d entries name images that are not in %s; ignored", proposals_source, ignored, gt_source)
+    return {"format": "proposals", "num_images": len(gt["images"]),
+            "num_images_with_proposals": sum(1 for i in gt_boxes if i in by_image), "entries_ignored": ignored,
+            "num_boxes": num_boxes, "recall": recall, "split_sizes": {g: len(ids) for g, ids in groups.items()}}
+
+
+def _greedy_matched_ious(ious: Any) -> Any:
+    """(P, G) IoUs → (G,): repeatedly take the best remaining (proposal, box) pair and retire both; boxes left
+    unmatched get 0 (detectron2's ``_evaluate_box_proposals`` matching)."""
+    import torch
+
+    num_props, num_gt = ious.shape
+    out = torch.zeros(num_gt)
+    if num_props == 0 or num_gt == 0:
+        return out
+    ious = ious.clone()
+    for _ in range(min(num_props, num_gt)):
+        best_iou_per_box, best_prop_per_box = ious.max(dim=0)  # (G,)
+        iou, box = best_iou_per_box.max(dim=0)
+        if iou < 0:  # every box already matched
+            break
+        out[box] = iou
+        ious[best_prop_per_box[box], :] = -1
+        ious[:, box] = -1
+    return out
+
+
+def _proposals_by_image(proposals: Any, source: str) -> dict[Any, Any]:
+    """Validate a proposals file's entries; return image id → (P, 4) boxes sorted by objectness, best first."""
+    import torch
+
+    items = proposals.get("proposals") if isinstance(proposals, dict) else proposals
+    if not isinstance(items, list):
+        raise RclipError(f"{source}: expected a list of {{image_id, boxes, objectness}}")
+    out: dict[Any, Any] = {}
+    for j, item in enumerate(items):
+        where = f"{source}: proposals[{j}]"
+        if not isinstance(item, dict):
+            raise RclipError(f"{where} is not an object")
+        for key in ("image_id", "boxes", "objectness"):
+            if key not in item:
+                raise RclipError(f"{where} lacks key '{key}'")
+        try:
+            boxes = torch.tensor(item["boxes"], dtype=torch.float32).reshape(-1, 4)
+            scores = torch.tensor(item["objectness"], dtype=torch.float32).reshape(-1)
+        except (TypeError, ValueError, RuntimeError):
+            raise RclipError(f"{where}: boxes must be [[x1, y1, x2, y2], ...] and objectness a list of numbers"
+                             ) from None
+        if boxes.shape[0] != scores.shape[0]:
+            raise RclipError(f"{where}: {boxes.shape[0]} boxes but {scores.shape[0]} objectness values")
+        if not isinstance(item["image_id"], int | str):
+            raise RclipError(f"{where} has image_id {item['image_id']!r}; expected an id")
+        if item["image_id"] in out:
+            raise RclipError(f"{where}: image_id {item['image_id']!r} appears twice")
+        out[item["image_id"]] = boxes[scores.argsort(descending=True, stable=True)]
+    return out

@@ -83,15 +83,26 @@ class ZeroShotCfg:
 
 @dataclass
 class TrainCfg:
-    """The demo's short image-text contrastive training (full pretraining recipes come with the pretrain stage)."""
+    """The demo's short image-text contrastive training (full pretraining recipes come with the pretrain stage).
+
+    Defaults are tuned for the tiny CLIP on the toy world: about two minutes on 2 CPU cores.
+    """
 
     steps: int = 300
     batch_size: int = 32
     lr: float = 2e-3
     weight_decay: float = 1e-4
+    warmup_steps: int = 20
+    # The cosine schedule ends at lr * min_lr_ratio.
+    min_lr_ratio: float = 0.05
+    grad_clip: float = 1.0
+    # Softmax temperature of the image-text loss; with learn_temperature it is only the starting value.
     temperature: float = 0.07
+    learn_temperature: bool = False
     image_size: int = 128
     seed: int = 0
+    # Write the checkpoint every N steps (and at the end) when a checkpoint path is given; 0 = only at the end.
+    checkpoint_every: int = 100
 
 
 @dataclass
@@ -101,7 +112,89 @@ class ToyWorldCfg:
     num_train: int = 1200
     num_val: int = 150
     image_size: int = 128
+    max_objects: int = 6
     seed: int = 0
+
+
+# detectron2's input convention for its (MSRA, caffe-style) ResNets: BGR order, 0-255 pixels, mean only.
+DETECTRON2_MEAN = [103.53, 116.28, 123.675]
+
+
+@dataclass
+class RpnTrainCfg:
+    """Training the RPN on base-category boxes (detectron2's Base-RCNN solver, as the original's RPNs were trained:
+    configs/Base-RCNN-{C4,FPN}.yaml, regionclip_facts.md §1.2): SGD with momentum, linear warm-up, step decay."""
+
+    steps: int = 90000  # SOLVER.MAX_ITER
+    batch_size: int = 16  # SOLVER.IMS_PER_BATCH
+    lr: float = 0.02  # SOLVER.BASE_LR
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_steps: int = 1000
+    # The warm-up starts at lr * warmup_factor and rises linearly to lr.
+    warmup_factor: float = 0.001
+    # The learning rate is multiplied by lr_gamma at each of these steps.
+    lr_steps: list[int] = field(default_factory=lambda: [60000, 80000])
+    lr_gamma: float = 0.1
+    # Shorter side drawn per image from this list (INPUT.MIN_SIZE_TRAIN), longer side at most max_size.
+    min_sizes: list[int] = field(default_factory=lambda: [640, 672, 704, 736, 768, 800])
+    max_size: int = 1333
+    hflip: bool = True
+    # "base": drop novel categories ("split": "novel", LVIS frequency "r", COCO's 17) and images left without boxes.
+    categories: Literal["base", "all"] = "base"
+    # Frozen stages: 1 = stem, 2 = stem + res2 (BACKBONE.FREEZE_AT); 0 trains everything.
+    freeze_at: int = 2
+    seed: int = 0
+    checkpoint_every: int = 5000
+    num_workers: int = 4
+
+
+@dataclass
+class RpnCfg:
+    """The offline region proposal network (``rclip_core.rpn``), with the original release's detectron2 defaults.
+
+    Two layouts: ``c4`` (ResNet to res4, stride 16, all anchor sizes at one level; the original's COCO RPN) and
+    ``fpn`` (P2-P6, one anchor size per level; the original's LVIS RPN used for pretraining and zero-shot).
+    """
+
+    layout: Literal["c4", "fpn"] = "fpn"
+    # ResNet depth; 10 (one basic block per stage, no ImageNet weights) is for toy-world tests on a CPU.
+    depth: Literal[10, 18, 34, 50, 101] = 50
+    norm: Literal["FrozenBN", "BN", "GN"] = "FrozenBN"
+    # detectron2's MSRA ResNets stride in the first 1x1 conv of a stage (torchvision: in the 3x3). Bottlenecks only.
+    stride_in_1x1: bool = True
+    # Start the trunk from torchvision's ImageNet weights when they can be loaded (random init otherwise, logged).
+    imagenet_init: bool = True
+    fpn_channels: int = 256
+    # A norm (of kind ``norm``) after every FPN conv, as the LSJ-trained RPN has; detectron2's default has none.
+    fpn_norm: bool = False
+    # 3x3 convs in the RPN head (MODEL.RPN.CONV_DIMS; the LSJ RPN has two).
+    head_convs: int = 1
+    # Anchor sizes (sqrt of area, input pixels): all at the one C4 level, or one per FPN level P2..P6.
+    anchor_sizes: list[float] = field(default_factory=lambda: [32.0, 64.0, 128.0, 256.0, 512.0])
+    aspect_ratios: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])  # height / width
+    anchor_offset: float = 0.0
+    # Top-k by objectness before NMS (per level for FPN) and after it. null = the layout's detectron2 default
+    # (rclip_core.rpn.LAYOUTS): C4 12000/6000 before, 2000 after in training; FPN 2000/1000 before, 1000 after.
+    pre_nms_topk_train: int | None = None
+    pre_nms_topk_test: int | None = None
+    post_nms_topk_train: int | None = None
+    post_nms_topk_test: int = 1000
+    nms_thresh: float = 0.7
+    # Proposals must be wider and taller than this (input pixels) after clipping.
+    min_box_size: float = 0.0
+    # Input: the same resized image as the CLIP branch, channels in this order, (x - mean) / std on 0-255 pixels.
+    input_format: Literal["BGR", "RGB"] = "BGR"
+    pixel_mean: list[float] = field(default_factory=lambda: list(DETECTRON2_MEAN))
+    pixel_std: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])
+    # Anchor labelling for the loss: IoU below the first is background, at least the second foreground.
+    iou_thresholds: list[float] = field(default_factory=lambda: [0.3, 0.7])
+    batch_size_per_image: int = 256
+    positive_fraction: float = 0.5
+    # Images per forward pass and loader workers when proposing.
+    batch_size: int = 1
+    num_workers: int = 0
+    train: RpnTrainCfg = field(default_factory=RpnTrainCfg)
 
 
 @dataclass
@@ -114,6 +207,7 @@ class Recipe:
     zeroshot: ZeroShotCfg = field(default_factory=ZeroShotCfg)
     train: TrainCfg = field(default_factory=TrainCfg)
     toyworld: ToyWorldCfg = field(default_factory=ToyWorldCfg)
+    rpn: RpnCfg = field(default_factory=RpnCfg)
 
 
 T = TypeVar("T")
@@ -227,9 +321,21 @@ def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...], cls: typ
     return data
 
 
+def merge_recipe_dicts(base: dict, top: dict) -> dict:
+    """``top`` laid over ``base`` section by section (nested dicts merge, other values replace); inputs unchanged."""
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = merge_recipe_dicts(out[key], value) if isinstance(value, dict) and isinstance(
+            out.get(key), dict) else value
+    return out
+
+
 def load_recipe(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = (),
-                cls: type[T] = Recipe) -> T:
+                cls: type[T] = Recipe, *, base: dict | None = None) -> T:
     """Load a recipe YAML (or only defaults when ``path`` is None) and apply ``--set`` overrides.
+
+    ``base`` (a nested dict, e.g. the recipe stored in a checkpoint) sits under the file: the file's keys and then
+    the overrides replace its values, keys neither mentions keep it.
 
     Example:
         >>> r = load_recipe(None, ["zeroshot.nms_thresh=0.3", "model.variant=tiny"])
@@ -249,6 +355,8 @@ def load_recipe(path: str | os.PathLike | None = None, overrides: list[str] | tu
             raise RclipError(f"{p}: malformed YAML{where}: {getattr(e, 'problem', e)}") from None
         if not isinstance(data, dict):
             raise RclipError(f"{p}: a recipe must be a YAML mapping, got {type(data).__name__}")
+    if base:
+        data = merge_recipe_dicts(base, data)
     try:
         return recipe_from_dict(apply_overrides(data, overrides, cls), cls)
     except RclipError as e:

@@ -1,0 +1,173 @@
+"""``rclip rpn``: train the region proposal network on base categories, propose regions, convert released RPNs."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import click
+
+from rclip_cli.common import (
+    console,
+    force_option,
+    get_device,
+    make_progress,
+    progress_callback,
+    recipe_options,
+    save_outputs_recipe,
+)
+from rclip_core.errors import RclipError
+
+CHECKPOINT_NAME = "checkpoint.pt"
+
+
+def _raw_recipe_options(fn: Callable) -> Callable:
+    """``--recipe`` / ``--set`` handed over unbuilt (``recipe_path``, ``overrides``), for commands that lay them over
+    a checkpoint's own recipe."""
+    fn = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+                      help="Override a recipe value, e.g. --set rpn.nms_thresh=0.9 (repeatable).")(fn)
+    return click.option("--recipe", "recipe_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                        help="Recipe YAML (see recipes/rpn_*.yaml).")(fn)
+
+
+@click.group()
+def rpn() -> None:
+    """Region proposals: `train` an RPN on base categories, `propose` boxes for `rclip zeroshot --proposals`,
+    `convert` the original release's rpn_*.pth (detectron2) files."""
+
+
+@rpn.command()
+@click.option("--train-ann", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="COCO/LVIS instances JSON; novel categories are dropped (rpn.train.categories: base).")
+@click.option("--images", "image_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Folder holding the images named in --train-ann.")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Run folder: checkpoint.pt, recipe.yaml, history.json.")
+@click.option("--steps", type=int, default=None, help="Training steps (default: the recipe's rpn.train.steps).")
+@click.option("--resume", is_flag=True, help="Continue OUT/checkpoint.pt with its recipe (--steps may extend it).")
+@force_option
+@_raw_recipe_options
+def train(train_ann: Path, image_dir: Path, out: Path, steps: int | None, resume: bool, force: bool,
+          recipe_path: Path | None, overrides: tuple[str, ...]) -> None:
+    """Train the RPN (SGD, warm-up, step schedule; checkpoints every rpn.train.checkpoint_every steps).
+
+    \b
+        rclip rpn train --recipe recipes/rpn_r10c4_toyworld_base.yaml --train-ann instances_train.json \\
+            --images images --out runs/rpn
+    """
+    from rclip_core.io import write_json
+    from rclip_core.recipes import load_recipe, recipe_to_dict, save_recipe
+    from rclip_core.rpn.convert import read_rpn_checkpoint
+    from rclip_core.rpn.data import RpnTrainDataset, load_training_records
+    from rclip_core.rpn.model import build_rpn
+    from rclip_core.rpn.training import train_rpn
+
+    ckpt = out / CHECKPOINT_NAME
+    if resume:
+        if recipe_path is not None or overrides:
+            raise RclipError("--resume continues with the checkpoint's recipe; leave out --recipe and --set")
+        recipe = load_recipe(None, base=read_rpn_checkpoint(ckpt)[1])
+    else:
+        if ckpt.exists() and not force:
+            raise RclipError(f"{ckpt} already exists; pass --resume to continue it or --force to start over")
+        recipe = load_recipe(recipe_path, overrides)
+    cfg = recipe.rpn
+    cfg.train.steps = steps if steps is not None else cfg.train.steps
+    data = load_training_records(train_ann, categories=cfg.train.categories)
+    missing = [r.file_name for r in data.records if not (image_dir / r.file_name).is_file()]
+    if missing:
+        raise RclipError(f"{len(missing)} training image(s) not found in {image_dir}, e.g. {missing[0]}")
+    console.print(f"training data: {data.summary()}")
+    model = build_rpn(cfg, imagenet_init=cfg.imagenet_init and not resume)
+    out.mkdir(parents=True, exist_ok=True)
+    save_recipe(recipe, out / "recipe.yaml", force=True)
+    with make_progress() as progress:
+        task = progress.add_task("rpn train", total=cfg.train.steps, rate="")
+
+        def on_step(step: int, total: int, values: dict[str, float]) -> None:
+            progress.update(task, completed=step, rate=f"loss {values['loss']:.3f}")
+
+        history = train_rpn(model, RpnTrainDataset(data.records, image_dir, max_size=cfg.train.max_size), cfg.train,
+                            recipe=recipe_to_dict(recipe), device=get_device(), progress=on_step,
+                            checkpoint_path=ckpt, resume_from=ckpt if resume else None)
+    write_json(out / "history.json", history, force=True)
+    if history["start_step"] >= cfg.train.steps:
+        console.print(f"{ckpt} is already at step {history['start_step']}; pass --steps to train longer")
+    else:
+        console.print(f"trained steps {history['start_step'] + 1}..{cfg.train.steps} (final loss "
+                      f"{history['loss'][-1]:.4f}); wrote {ckpt}")
+
+
+@rpn.command()
+@click.option("--images", "image_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Image folder (every image in it, with generated ids, unless --annotations lists them).")
+@click.option("--annotations", type=click.Path(dir_okay=False, path_type=Path),
+              help="COCO/LVIS JSON whose images (and ids) to propose on.")
+@click.option("--checkpoint", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="rclip RPN checkpoint (from `rclip rpn train` or `rclip rpn convert`).")
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Proposals JSON.")
+@click.option("--limit", type=int, default=None, help="Only the first N images.")
+@click.option("--strict", is_flag=True, help="Stop at an unreadable image instead of skipping it.")
+@force_option
+@_raw_recipe_options
+def propose(image_dir: Path, annotations: Path | None, checkpoint: Path, out: Path, limit: int | None, strict: bool,
+            force: bool, recipe_path: Path | None, overrides: tuple[str, ...]) -> None:
+    """Write RPN proposals ([{image_id, boxes xyxy in original pixels, objectness raw logits}], best first) for
+    `rclip zeroshot --proposals` and `rclip eval --proposals`. The model is the checkpoint's; --recipe / --set change
+    inference settings (input size, top-k, NMS) on top of its recipe.
+
+    \b
+        rclip rpn propose --images val2017 --annotations instances_val2017.json \\
+            --checkpoint rpn_lvis_866.rclip.pt --recipe recipes/rpn_r50fpn_lvis_zsinf.yaml --out proposals.json
+    """
+    from rclip_core.data.coco import images_in_folder, load_detection_annotations
+    from rclip_core.io import check_writable, write_json
+    from rclip_core.recipes import load_recipe
+    from rclip_core.rpn.convert import load_rpn_state, read_rpn_checkpoint
+    from rclip_core.rpn.data import ProposalImages
+    from rclip_core.rpn.proposals import run_proposals
+
+    check_writable(out, force=force)
+    if annotations is not None:
+        records = load_detection_annotations(annotations)[0]
+        if not image_dir.is_dir():
+            raise RclipError(f"image folder not found: {image_dir}")
+    else:
+        records = images_in_folder(image_dir)
+    records = records[:limit] if limit is not None else records
+    state, stored = read_rpn_checkpoint(checkpoint)
+    recipe = load_recipe(recipe_path, overrides, base=stored)
+    model = load_rpn_state(state, recipe.rpn, str(checkpoint))
+    dataset = ProposalImages(records, image_dir, min_size=recipe.input.min_size, max_size=recipe.input.max_size)
+    with make_progress() as progress:
+        task = progress.add_task("proposals", total=len(dataset), rate="")
+        results, summary = run_proposals(model, dataset, batch_size=recipe.rpn.batch_size,
+                                         num_workers=recipe.rpn.num_workers, device=get_device(), strict=strict,
+                                         with_file_names=annotations is None,
+                                         progress=progress_callback(progress, task, "img"))
+    write_json(out, results, force=force, indent=None)
+    save_outputs_recipe(recipe, out)
+    per_image = summary.proposals / summary.images if summary.images else 0.0
+    console.print(f"{summary.images} images → {summary.proposals} proposals ({per_image:.0f} per image) in {out} "
+                  f"({summary.to_dict()['images_per_second']} img/s); skipped {len(summary.images_skipped)} "
+                  f"unreadable image(s)")
+
+
+@rpn.command()
+@click.argument("src", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--out", "dst", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="The rclip RPN checkpoint to write (for `rclip rpn propose --checkpoint`).")
+@force_option
+@recipe_options
+def convert(src: Path, dst: Path, force: bool, recipe) -> None:
+    """Convert the original release's RPN SRC (rpn_*.pth, the offline RPN inside a RegionCLIP checkpoint, or the
+    offline_rpn entry of `rclip weights convert` output) into an rclip RPN checkpoint.
+
+    \b
+    Layout (C4 / FPN), depth, head convs and FPN norm are read from the keys; other rpn.* values (stride in 1x1,
+    anchors, input convention) must match how the weights were trained: the defaults are detectron2's.
+    """
+    from rclip_core.rpn.convert import convert_rpn_checkpoint
+
+    for line in convert_rpn_checkpoint(src, dst, recipe=recipe, force=force).lines():
+        click.echo(line)
