@@ -57,7 +57,7 @@ def _is_file_spec(weights: str) -> bool:
     return weights.endswith((".pt", ".pth", ".bin", ".safetensors")) or os.sep in weights or os.path.exists(weights)
 
 
-def create_clip(variant: str, weights: str | None = None) -> nn.Module:
+def create_clip(variant: str, weights: str | None = None, *, log_random_init: bool = True) -> nn.Module:
     """Build an open_clip ``CLIP`` for ``variant`` and load ``weights``.
 
     Args:
@@ -66,6 +66,9 @@ def create_clip(variant: str, weights: str | None = None) -> nn.Module:
             ``"openai"`` (downloads; online machines only), or a local file: an rclip checkpoint
             (``{"model": state_dict, ...}``, e.g. from ``rclip weights convert``), a bare open_clip/OpenAI state
             dict, or a ``.safetensors`` file.
+
+        log_random_init: say in the log when the model keeps random weights (off for callers that load weights
+            into it themselves, such as checkpoint conversion).
 
     Returns:
         ``open_clip.CLIP`` in eval mode.
@@ -92,7 +95,7 @@ def create_clip(variant: str, weights: str | None = None) -> nn.Module:
         from rclip_core.checkpoint import load_model_weights
 
         load_model_weights(model, weights)
-    if weights is None:
+    if weights is None and log_random_init:
         log.info("%s: random initialisation (no weights given)", variant)
     return model.eval()
 

@@ -348,7 +348,7 @@ def convert_state_dict(state: dict[str, Tensor], *, variant: str | None = None, 
         filled.append("logit_scale")
         log.info("%s: no logit_scale; set to ln(100) (RegionCLIP's fixed temperature 0.01)", source)
 
-    clip = create_clip(variant)
+    clip = create_clip(variant, log_random_init=False)  # its weights are replaced right below
     check_state_dict(clip, model_state, f"{label} (converted as {variant})")
     clip.load_state_dict(model_state, strict=True)  # casts to the model's dtypes (OpenAI files are fp16)
 
