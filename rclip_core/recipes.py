@@ -90,7 +90,9 @@ class TrainCfg:
 
     steps: int = 300
     batch_size: int = 32
-    lr: float = 2e-3
+    lr: float = 5e-4
+    # The text tower's learning rate is lr * text_lr_scale.
+    text_lr_scale: float = 1.0
     weight_decay: float = 1e-4
     warmup_steps: int = 20
     # The cosine schedule ends at lr * min_lr_ratio.
@@ -100,6 +102,10 @@ class TrainCfg:
     temperature: float = 0.07
     learn_temperature: bool = False
     image_size: int = 128
+    box_min_scale: float = 1.0
+    # The model starts from random weights: give residual blocks a unit output scale instead of open_clip's zero
+    # (engine.reset_residual_scales), which speeds up a short run several times. Turn off for pretrained weights.
+    scratch_init: bool = True
     seed: int = 0
     # Write the checkpoint every N steps (and at the end) when a checkpoint path is given; 0 = only at the end.
     checkpoint_every: int = 100
