@@ -187,3 +187,40 @@ def test_convert_a_release_rpn(tmp_path, world):
                    "--out", props, "--set", "input.min_size=128", "--limit", 2)
     assert proposed.exit_code == 0, proposed.output
     assert len(json.loads(props.read_text())) == 2
+
+
+def test_zeroshot_and_visualize_with_the_rpn_on_a_bare_folder(world, trained, tmp_path):
+    """`--rpn` proposes and classifies in one command, on a folder without annotations; `visualize --rpn` draws."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for src in sorted(world["images"].glob("val_*.png"))[:3]:
+        (folder / src.name).write_bytes(src.read_bytes())
+    (folder / "unreadable.jpg").write_bytes(b"nope")
+    common = ["--variant", "tiny", "--set", "input.min_size=128", "--set", "input.max_size=256",
+              "--set", "zeroshot.score_fusion=sigmoid"]
+    dets = tmp_path / "dets.json"
+    emb = tmp_path / "shapes.pt"
+    assert run("embed", "--classes-from", world["val"], "--variant", "tiny", "--out", emb).exit_code == 0
+    zs = run("zeroshot", "--rpn", trained / "checkpoint.pt", "--images", folder, "--embeddings", emb, "--out", dets,
+             *common)
+    assert zs.exit_code == 0, zs.output
+    listing = json.loads((tmp_path / "dets.images.json").read_text())
+    assert [im["file_name"] for im in listing["images"]][0] == "unreadable.jpg"  # sorted listing, ids 1..4
+    summary = json.loads((tmp_path / "dets.summary.json").read_text())
+    assert summary["mode"] == "rpn" and summary["images"] == 3 and len(summary["images_skipped"]) == 1
+    assert {d["image_id"] for d in json.loads(dets.read_text())} <= {2, 3, 4}
+
+    vis = tmp_path / "vis"
+    res = run("visualize", folder, "--classes", "circle,square,star", "--rpn", trained / "checkpoint.pt",
+              "--out", vis, "--score-thresh", "0", "--topk", "3", "--html", *common)
+    assert res.exit_code == 0, res.output
+    pngs = sorted(p.name for p in vis.glob("*.png"))
+    assert len(pngs) == 3 and "1 unreadable skipped" in res.output
+    from PIL import Image
+
+    first = sorted(folder.glob("val_*.png"))[0]
+    drawn = Image.open(vis / (first.stem + ".png"))
+    assert drawn.size == (256, 256)  # small images are enlarged so labels stay legible
+    original = Image.open(first).convert("RGB").resize((256, 256), Image.NEAREST)
+    assert list(drawn.getdata()) != list(original.getdata())
+    assert (vis / "index.html").read_text().count("<figure>") == 3
