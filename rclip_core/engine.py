@@ -102,10 +102,12 @@ def reset_residual_scales(clip: nn.Module) -> int:
     """
     n = 0
     with torch.no_grad():
-        for name, p in clip.visual.named_parameters():
-            if name.endswith("bn3.weight"):
-                p.fill_(1.0)
-                n += 1
+        # Only the bottlenecks of layer1..4: the stem also has a ``bn3``, which is not a residual scale.
+        for layer in (clip.visual.layer1, clip.visual.layer2, clip.visual.layer3, clip.visual.layer4):
+            for name, p in layer.named_parameters():
+                if name.endswith("bn3.weight"):
+                    p.fill_(1.0)
+                    n += 1
     return n
 
 
@@ -118,6 +120,13 @@ def random_global_boxes(n: int, height: int, width: int, min_scale: float, gener
     x0 = torch.rand(n, generator=generator) * (width - bw)
     y0 = torch.rand(n, generator=generator) * (height - bh)
     return torch.stack([x0, y0, x0 + bw, y0 + bh], dim=1)  # (n, 4)
+
+
+def _same_caption(captions: list[str]) -> Tensor:
+    """(B, B) bool: caption ``i`` and caption ``j`` are the same text."""
+    ids = {c: k for k, c in enumerate(dict.fromkeys(captions))}
+    codes = torch.tensor([ids[c] for c in captions])
+    return codes[:, None] == codes[None, :]
 
 
 def _temperature(clip: nn.Module, cfg: TrainCfg) -> Tensor | float:
@@ -180,7 +189,8 @@ def train_image_text(clip: nn.Module, encoder: CLIPRegionEncoder, dataset: Capti
         dataset.set_epoch(epoch)
         items = [dataset[int(i)] for i in idx]
         images = torch.stack([im for im, _ in items]).to(device)  # (B, 3, S, S)
-        tokens = tokenize([str(c) for _, c in items]).to(device)  # (B, L)
+        captions = [str(c) for _, c in items]
+        tokens = tokenize(captions).to(device)  # (B, L)
 
         if cfg.box_min_scale < 1:
             # Seeded per step, like the batch order, so a resumed run draws the same boxes.
@@ -190,7 +200,9 @@ def train_image_text(clip: nn.Module, encoder: CLIPRegionEncoder, dataset: Capti
             image_emb = encoder(images, list(boxes.unsqueeze(1)))
         else:
             image_emb = encoder.encode_image(images)  # (B, D)
-        loss = image_text_contrastive(image_emb, clip.encode_text(tokens), _temperature(clip, cfg))
+        positives = _same_caption(captions).to(device) if cfg.same_caption_positive else None
+        loss = image_text_contrastive(image_emb, clip.encode_text(tokens), _temperature(clip, cfg),
+                                      positives=positives)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip > 0:

@@ -91,8 +91,8 @@ class TrainCfg:
     steps: int = 300
     batch_size: int = 32
     lr: float = 5e-4
-    # The text tower's learning rate is lr * text_lr_scale.
-    text_lr_scale: float = 1.0
+    # The text tower's learning rate is lr * text_lr_scale (4: measured best on the toy world, seeds 0-3).
+    text_lr_scale: float = 4.0
     weight_decay: float = 1e-4
     warmup_steps: int = 20
     # The cosine schedule ends at lr * min_lr_ratio.
@@ -101,8 +101,14 @@ class TrainCfg:
     # Softmax temperature of the image-text loss; with learn_temperature it is only the starting value.
     temperature: float = 0.07
     learn_temperature: bool = False
+    # Count a caption that appears twice in a batch as a match for both images, not as a negative (toy-world
+    # captions repeat often; see losses.image_text_contrastive).
+    same_caption_positive: bool = False
     image_size: int = 128
-    box_min_scale: float = 1.0
+    # The image side of a training pair is a random box covering this fraction of each side or more (1 = always the
+    # whole image, the original's global box). Sub-image boxes make the region path see object-sized regions, which
+    # roughly doubled held-out GT-box accuracy on the toy world.
+    box_min_scale: float = 0.4
     # The model starts from random weights: give residual blocks a unit output scale instead of open_clip's zero
     # (engine.reset_residual_scales), which speeds up a short run several times. Turn off for pretrained weights.
     scratch_init: bool = True

@@ -48,10 +48,17 @@ def test_resume_continues_exactly_at_the_saved_step(parts, tiny_clip, tmp_path):
     clip, encoder, dataset = parts
     straight = train_image_text(clip, encoder, dataset, CFG)
 
+    # Interrupt a run of the same recipe during step 4, after the step-3 checkpoint (a shorter run would have a
+    # different learning-rate schedule, so it is not the same training).
+    def interrupt(step: int, total: int, loss: float) -> None:
+        if step == 4:
+            raise KeyboardInterrupt
+
     first = copy.deepcopy(tiny_clip)
     ckpt = tmp_path / "ckpt.pt"
-    train_image_text(first, build_region_encoder(first, "tiny"), dataset, dataclasses.replace(CFG, steps=3),
-                     checkpoint_path=ckpt)
+    with pytest.raises(KeyboardInterrupt):
+        train_image_text(first, build_region_encoder(first, "tiny"), dataset,
+                         dataclasses.replace(CFG, checkpoint_every=3), checkpoint_path=ckpt, progress=interrupt)
     assert torch.load(ckpt, weights_only=True)["step"] == 3
 
     resumed = copy.deepcopy(tiny_clip)

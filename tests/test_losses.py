@@ -76,3 +76,28 @@ def test_learned_temperature_gets_a_gradient():
 def test_shape_mismatch_is_rejected():
     with pytest.raises(ValueError, match="same shape"):
         image_text_contrastive(torch.randn(3, 8), torch.randn(4, 8), 0.07)
+
+
+def test_positives_none_equals_the_diagonal():
+    torch.manual_seed(3)
+    a, b = torch.randn(6, 8), torch.randn(6, 8)
+    plain = image_text_contrastive(a, b, 0.1)
+    assert torch.allclose(plain, image_text_contrastive(a, b, 0.1, positives=torch.eye(6, dtype=torch.bool)),
+                          atol=1e-6)
+
+
+def test_repeated_caption_counts_as_a_match():
+    # Images 0 and 1 show the same thing and got the same caption text: with the plain loss each is pushed away
+    # from the other's (identical) caption; as positives the pair is no longer penalised.
+    image = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    text = image.clone()
+    same = torch.tensor([[1, 1, 0], [1, 1, 0], [0, 0, 1]], dtype=torch.bool)
+    plain = float(image_text_contrastive(image, text, 0.05))
+    multi = float(image_text_contrastive(image, text, 0.05, positives=same))
+    assert plain == pytest.approx(2 / 3 * math.log(2), abs=1e-4)  # rows 0, 1 split their mass over two captions
+    assert multi == pytest.approx(0.0, abs=1e-4)
+
+
+def test_positives_must_hold_the_diagonal():
+    with pytest.raises(ValueError, match="diagonal"):
+        image_text_contrastive(torch.randn(2, 4), torch.randn(2, 4), 0.1, positives=torch.zeros(2, 2, dtype=bool))
