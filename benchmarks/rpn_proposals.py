@@ -69,7 +69,7 @@ def run_ours(model, dataset) -> tuple[float, int]:
     start = time.perf_counter()
     records, summary = run_proposals(model, dataset, with_file_names=True)
     json.dumps(records)
-    return len(dataset) / (time.perf_counter() - start), summary.proposals
+    return len(dataset) / (time.perf_counter() - start), summary.regions
 
 
 def run_bare(model, prepared: list[torch.Tensor]) -> float:
@@ -81,8 +81,7 @@ def run_bare(model, prepared: list[torch.Tensor]) -> float:
 
 
 def main() -> None:
-    from rclip_core.data.coco import images_in_folder
-    from rclip_core.rpn.data import ProposalImages
+    from rclip_core.data.coco import DetectionDataset, images_in_folder
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="3 images, 2 repeats")
@@ -93,8 +92,8 @@ def main() -> None:
         folder = Path(tmp) / "images"
         make_images(folder, n_images)
         recipe, model = build_model(args.layout)
-        dataset = ProposalImages(images_in_folder(folder), folder, min_size=recipe.input.min_size,
-                                 max_size=recipe.input.max_size)
+        dataset = DetectionDataset(images_in_folder(folder), folder, min_sizes=recipe.input.min_size,
+                                   max_size=recipe.input.max_size)
         prepared = [dataset[i]["image"] for i in range(len(dataset))]
         run_bare(model, prepared[:1])  # warm-up
         ours, bare, counts = [], [], []

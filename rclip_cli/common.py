@@ -52,15 +52,22 @@ def get_device(ctx: click.Context | None = None) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def recipe_options(fn: Callable) -> Callable:
-    """``--recipe FILE`` and repeatable ``--set key=value``; the command receives ``recipe`` (a built Recipe)."""
+def raw_recipe_options(fn: Callable) -> Callable:
+    """``--recipe FILE|NAME`` and repeatable ``--set key=value``, handed over unbuilt (``recipe_path``,
+    ``overrides``), for commands that lay them over another recipe (a checkpoint's, the demo's)."""
+    fn = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+                      help="Override a recipe value, e.g. --set zeroshot.nms_thresh=0.3 (repeatable).")(fn)
+    return click.option("--recipe", "recipe_path", default=None, metavar="FILE|NAME",
+                        help="Recipe YAML, or the name of a shipped recipe (e.g. zeroshot_rn50_coco_gt; see "
+                             "recipes/); omitted keys take the documented defaults.")(fn)
 
-    @click.option("--recipe", "recipe_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
-                  help="Recipe YAML (see recipes/); omitted keys take the documented defaults.")
-    @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
-                  help="Override a recipe value, e.g. --set zeroshot.nms_thresh=0.3 (repeatable).")
+
+def recipe_options(fn: Callable) -> Callable:
+    """``--recipe`` and ``--set`` (see :func:`raw_recipe_options`); the command receives ``recipe`` (built)."""
+
+    @raw_recipe_options
     @functools.wraps(fn)
-    def wrapper(*args: Any, recipe_path: Path | None, overrides: tuple[str, ...], **kwargs: Any) -> Any:
+    def wrapper(*args: Any, recipe_path: str | None, overrides: tuple[str, ...], **kwargs: Any) -> Any:
         from rclip_core.recipes import load_recipe
 
         return fn(*args, recipe=load_recipe(recipe_path, overrides), **kwargs)
@@ -73,7 +80,10 @@ def force_option(fn: Callable) -> Callable:
 
 
 def make_progress(transient: bool = False) -> Progress:
-    """A rich progress bar on stderr: description, bar, n/total, rate, elapsed, remaining."""
+    """A rich progress bar on stderr: description, bar, n/total, rate, elapsed, remaining (shown by rank 0 alone
+    under torchrun)."""
+    import os
+
     return Progress(
         TextColumn("[progress.description]{task.description}"),
         BarColumn(),
@@ -83,6 +93,7 @@ def make_progress(transient: bool = False) -> Progress:
         TimeRemainingColumn(),
         console=console,
         transient=transient,
+        disable=int(os.environ.get("RANK", "0") or 0) != 0,
     )
 
 
@@ -152,3 +163,80 @@ def class_embeddings(clip: Any, recipe: Any, *, classes: str | None, vocab: Path
         raise RclipError("--classes: the class list is empty")
     return te.embed_names(encoder, te.dedupe(names), templates=te.TEMPLATE_SETS[recipe.text.templates],
                           batch_size=recipe.text.batch_size, truncate=recipe.text.truncate)
+
+
+def region_source(*, gt_boxes: Path | None = None, proposals: Path | None = None, rpn: Path | None = None):
+    """The one region source among the given options (exactly one is required)."""
+    from rclip_core.zeroshot import RegionSource
+
+    given = [(k, p) for k, p in (("gt", gt_boxes), ("proposals", proposals), ("rpn", rpn)) if p is not None]
+    if len(given) != 1:
+        raise RclipError("give exactly one region source: --gt-boxes, --rpn or --proposals")
+    return RegionSource(*given[0])
+
+
+class TrainingProgress:
+    """A rich progress bar for the training engine (an ``after_step`` hook): step, losses, lr, ETA."""
+
+    def __init__(self, description: str, total: int, start: int = 0) -> None:
+        self.progress = make_progress()
+        self.task = self.progress.add_task(description, total=total, completed=start, rate="")
+
+    def __enter__(self) -> TrainingProgress:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.progress.stop()
+
+    def after_step(self, info: Any) -> None:
+        shown = " ".join(f"{k.removeprefix('loss_')} {v:.3f}" for k, v in info.losses.items())
+        self.progress.update(self.task, completed=info.step, rate=f"{shown} lr {info.lr:.2g}")
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        out.update(_flatten(v, key + ".") if isinstance(v, dict) else {key: v})
+    return out
+
+
+def recipe_differences(a: dict, b: dict) -> list[str]:
+    """Dotted keys whose values differ between two recipe dicts."""
+    fa, fb = _flatten(a), _flatten(b)
+    return sorted(k for k in set(fa) | set(fb) if fa.get(k) != fb.get(k))
+
+
+def prepare_run_dir(out: Path, recipe_path: str, overrides: tuple[str, ...], *, resume: bool, force: bool):
+    """The recipe of a training run in ``out``, after the checks every training command makes before any work:
+
+    - ``--resume``: ``out/checkpoint.pt`` must exist and hold the same recipe (the differing keys are named; with
+      ``--force`` the new recipe wins);
+    - a fresh run: an ``out`` holding a checkpoint is refused unless ``--force`` (which replaces only the run's own
+      files: checkpoint, metrics, recipe).
+
+    Writes ``out/recipe.yaml`` (rank 0). Returns the built recipe.
+    """
+    from rclip_core import distributed as D
+    from rclip_core.checkpoint import load_checkpoint
+    from rclip_core.engine import CHECKPOINT_NAME
+    from rclip_core.recipes import load_recipe, recipe_to_dict, save_recipe
+
+    recipe = load_recipe(recipe_path, overrides)
+    ckpt = out / CHECKPOINT_NAME
+    if resume:
+        if not ckpt.is_file():
+            raise RclipError(f"nothing to resume: {ckpt} does not exist")
+        stored = load_checkpoint(ckpt, training=True).get("recipe") or {}
+        differs = recipe_differences(stored, recipe_to_dict(recipe))
+        if differs and not force:
+            shown = ", ".join(differs[:6]) + (f" ... ({len(differs)} in all)" if len(differs) > 6 else "")
+            raise RclipError(f"--resume: the recipe differs from {ckpt}'s in {shown}; pass --force to continue with "
+                             "the new values")
+    elif ckpt.exists() and not force:
+        raise RclipError(f"{out} already holds a run ({ckpt}); pass --resume to continue it or --force to start over")
+    if D.is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        save_recipe(recipe, out / "recipe.yaml", force=True)
+    return recipe

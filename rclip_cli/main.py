@@ -20,6 +20,7 @@ COMMANDS: dict[str, str] = {
     "demo": "rclip_cli.demo:demo",
     "embed": "rclip_cli.embed:embed",
     "eval": "rclip_cli.eval:eval_cmd",
+    "pretrain": "rclip_cli.pretrain:pretrain",
     "rpn": "rclip_cli.rpn:rpn",
     "visualize": "rclip_cli.visualize:visualize",
     "vocab": "rclip_cli.vocab:vocab",
@@ -81,6 +82,13 @@ def cli(ctx: click.Context, log_level: str, device: str | None) -> None:
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     setup_logging(log_level)
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:  # launched by torchrun: join the job, rank 0 alone logs
+        from rclip_core.distributed import init_distributed
+
+        info = init_distributed(device)
+        if not info.is_main:
+            logging.getLogger().setLevel(logging.ERROR)
+            logging.getLogger("rclip_core").setLevel(logging.ERROR)
     ctx.ensure_object(dict)
     ctx.obj["device"] = device
     logging.getLogger("rclip").debug("device option: %s", device)

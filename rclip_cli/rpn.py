@@ -2,32 +2,22 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
 import click
 
 from rclip_cli.common import (
+    TrainingProgress,
     console,
     force_option,
     get_device,
     make_progress,
     progress_callback,
+    raw_recipe_options,
     recipe_options,
     save_outputs_recipe,
 )
 from rclip_core.errors import RclipError
-
-CHECKPOINT_NAME = "checkpoint.pt"
-
-
-def _raw_recipe_options(fn: Callable) -> Callable:
-    """``--recipe`` / ``--set`` handed over unbuilt (``recipe_path``, ``overrides``), for commands that lay them over
-    a checkpoint's own recipe."""
-    fn = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
-                      help="Override a recipe value, e.g. --set rpn.nms_thresh=0.9 (repeatable).")(fn)
-    return click.option("--recipe", "recipe_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
-                        help="Recipe YAML (see recipes/rpn_*.yaml).")(fn)
 
 
 @click.group()
@@ -42,23 +32,24 @@ def rpn() -> None:
 @click.option("--images", "image_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Folder holding the images named in --train-ann.")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Run folder: checkpoint.pt, recipe.yaml, history.json.")
+              help="Run folder: checkpoint.pt, recipe.yaml, metrics.jsonl.")
 @click.option("--steps", type=int, default=None, help="Training steps (default: the recipe's rpn.train.steps).")
 @click.option("--resume", is_flag=True, help="Continue OUT/checkpoint.pt with its recipe (--steps may extend it).")
 @force_option
-@_raw_recipe_options
+@raw_recipe_options
 def train(train_ann: Path, image_dir: Path, out: Path, steps: int | None, resume: bool, force: bool,
-          recipe_path: Path | None, overrides: tuple[str, ...]) -> None:
+          recipe_path: str | None, overrides: tuple[str, ...]) -> None:
     """Train the RPN (SGD, warm-up, step schedule; checkpoints every rpn.train.checkpoint_every steps).
 
     \b
         rclip rpn train --recipe recipes/rpn_r10c4_toyworld_base.yaml --train-ann instances_train.json \\
             --images images --out runs/rpn
     """
-    from rclip_core.io import write_json
+    from rclip_core.data.coco import DetectionDataset
+    from rclip_core.engine import CHECKPOINT_NAME
     from rclip_core.recipes import load_recipe, recipe_to_dict, save_recipe
     from rclip_core.rpn.convert import read_rpn_checkpoint
-    from rclip_core.rpn.data import RpnTrainDataset, load_training_records
+    from rclip_core.rpn.data import load_training_records
     from rclip_core.rpn.model import build_rpn
     from rclip_core.rpn.training import train_rpn
 
@@ -79,23 +70,18 @@ def train(train_ann: Path, image_dir: Path, out: Path, steps: int | None, resume
         raise RclipError(f"{len(missing)} training image(s) not found in {image_dir}, e.g. {missing[0]}")
     console.print(f"training data: {data.summary()}")
     model = build_rpn(cfg, imagenet_init=cfg.imagenet_init and not resume)
+    dataset = DetectionDataset(data.records, image_dir, min_sizes=cfg.train.min_sizes, max_size=cfg.train.max_size,
+                               hflip=cfg.train.hflip)
     out.mkdir(parents=True, exist_ok=True)
     save_recipe(recipe, out / "recipe.yaml", force=True)
-    with make_progress() as progress:
-        task = progress.add_task("rpn train", total=cfg.train.steps, rate="")
-
-        def on_step(step: int, total: int, values: dict[str, float]) -> None:
-            progress.update(task, completed=step, rate=f"loss {values['loss']:.3f}")
-
-        history = train_rpn(model, RpnTrainDataset(data.records, image_dir, max_size=cfg.train.max_size), cfg.train,
-                            recipe=recipe_to_dict(recipe), device=get_device(), progress=on_step,
-                            checkpoint_path=ckpt, resume_from=ckpt if resume else None)
-    write_json(out / "history.json", history, force=True)
-    if history["start_step"] >= cfg.train.steps:
-        console.print(f"{ckpt} is already at step {history['start_step']}; pass --steps to train longer")
+    with TrainingProgress("rpn train", cfg.train.steps) as bar:
+        result = train_rpn(model, dataset, cfg.train, recipe=recipe_to_dict(recipe), out_dir=out, resume=resume,
+                           device=get_device(), hooks=[bar])
+    if result.start_step >= cfg.train.steps:
+        console.print(f"{ckpt} is already at step {result.start_step}; pass --steps to train longer")
     else:
-        console.print(f"trained steps {history['start_step'] + 1}..{cfg.train.steps} (final loss "
-                      f"{history['loss'][-1]:.4f}); wrote {ckpt}")
+        console.print(f"trained steps {result.start_step + 1}..{cfg.train.steps} (final loss "
+                      f"{result.history[-1]['loss']:.4f}); wrote {ckpt} and {out / 'metrics.jsonl'}")
 
 
 @rpn.command()
@@ -109,9 +95,9 @@ def train(train_ann: Path, image_dir: Path, out: Path, steps: int | None, resume
 @click.option("--limit", type=int, default=None, help="Only the first N images.")
 @click.option("--strict", is_flag=True, help="Stop at an unreadable image instead of skipping it.")
 @force_option
-@_raw_recipe_options
+@raw_recipe_options
 def propose(image_dir: Path, annotations: Path | None, checkpoint: Path, out: Path, limit: int | None, strict: bool,
-            force: bool, recipe_path: Path | None, overrides: tuple[str, ...]) -> None:
+            force: bool, recipe_path: str | None, overrides: tuple[str, ...]) -> None:
     """Write RPN proposals ([{image_id, boxes xyxy in original pixels, objectness raw logits}], best first) for
     `rclip zeroshot --proposals` and `rclip eval --proposals`. The model is the checkpoint's; --recipe / --set change
     inference settings (input size, top-k, NMS) on top of its recipe.
@@ -120,11 +106,10 @@ def propose(image_dir: Path, annotations: Path | None, checkpoint: Path, out: Pa
         rclip rpn propose --images val2017 --annotations instances_val2017.json \\
             --checkpoint rpn_lvis_866.rclip.pt --recipe recipes/rpn_r50fpn_lvis_zsinf.yaml --out proposals.json
     """
-    from rclip_core.data.coco import images_in_folder, load_detection_annotations
+    from rclip_core.data.coco import DetectionDataset, images_in_folder, load_detection_annotations
     from rclip_core.io import check_writable, write_json
     from rclip_core.recipes import load_recipe
     from rclip_core.rpn.convert import load_rpn_state, read_rpn_checkpoint
-    from rclip_core.rpn.data import ProposalImages
     from rclip_core.rpn.proposals import run_proposals
 
     check_writable(out, force=force)
@@ -138,7 +123,7 @@ def propose(image_dir: Path, annotations: Path | None, checkpoint: Path, out: Pa
     state, stored = read_rpn_checkpoint(checkpoint)
     recipe = load_recipe(recipe_path, overrides, base=stored)
     model = load_rpn_state(state, recipe.rpn, str(checkpoint))
-    dataset = ProposalImages(records, image_dir, min_size=recipe.input.min_size, max_size=recipe.input.max_size)
+    dataset = DetectionDataset(records, image_dir, min_sizes=recipe.input.min_size, max_size=recipe.input.max_size)
     with make_progress() as progress:
         task = progress.add_task("proposals", total=len(dataset), rate="")
         results, summary = run_proposals(model, dataset, batch_size=recipe.rpn.batch_size,
@@ -147,9 +132,9 @@ def propose(image_dir: Path, annotations: Path | None, checkpoint: Path, out: Pa
                                          progress=progress_callback(progress, task, "img"))
     write_json(out, results, force=force, indent=None)
     save_outputs_recipe(recipe, out)
-    per_image = summary.proposals / summary.images if summary.images else 0.0
-    console.print(f"{summary.images} images → {summary.proposals} proposals ({per_image:.0f} per image) in {out} "
-                  f"({summary.to_dict()['images_per_second']} img/s); skipped {len(summary.images_skipped)} "
+    per_image = summary.regions / summary.images if summary.images else 0.0
+    console.print(f"{summary.images} images → {summary.regions} proposals ({per_image:.0f} per image) in {out} "
+                  f"({summary.images_per_second} img/s); skipped {len(summary.images_skipped)} "
                   f"unreadable image(s)")
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from rclip_cli.common import (
+    class_embeddings,
     console,
     force_option,
     get_device,
@@ -15,8 +16,8 @@ from rclip_cli.common import (
     model_options,
     progress_callback,
     recipe_options,
+    region_source,
 )
-from rclip_core.errors import RclipError
 
 
 @click.command()
@@ -45,80 +46,27 @@ def visualize(inputs, classes, vocab, embeddings, rpn_ckpt, gt_boxes, out, topk,
     \b
       rclip visualize photos/ --classes "cat,dog,sofa" --rpn rpn.rclip.pt --weights openai --out vis --html
     """
-    from rclip_cli.common import class_embeddings
-    from rclip_core import inference
-    from rclip_core.data.coco import (
-        BoxStats,
-        RegionDataset,
-        attach_proposals,
-        images_from_paths,
-        load_detection_annotations,
-    )
-    from rclip_core.data.transforms import read_image
-    from rclip_core.detector import build_zeroshot_detector
-    from rclip_core.io import atomic_open, check_writable, write_text
-    from rclip_core.visualize import html_index, render, select_detections
+    from rclip_core.io import check_writable, write_text
+    from rclip_core.visualize import html_index, picture_names, render_pictures
+    from rclip_core.zeroshot import prepare_images, run_zeroshot
 
-    if (rpn_ckpt is None) == (gt_boxes is None):
-        raise RclipError("give one region source: --rpn CKPT (detect) or --gt-boxes ANN (name given boxes)")
+    source = region_source(gt_boxes=gt_boxes, rpn=rpn_ckpt)
     device = get_device()
     clip = load_clip(recipe, device)
     emb = class_embeddings(clip, recipe, classes=classes, vocab=vocab, embeddings=embeddings)
-    if gt_boxes:
-        records, categories, stats = load_detection_annotations(gt_boxes)
-        found = {Path(r.file_name).name: r.file_name for r in images_from_paths(inputs)}
-        records = [r for r in records if Path(r.file_name).name in found]
-        for r in records:  # annotation file names are matched by base name to the given files
-            r.file_name = found[Path(r.file_name).name]
-        if not records:
-            raise RclipError(f"none of the given images is in {gt_boxes}")
-    else:
-        records, stats = images_from_paths(inputs), BoxStats()
-    cat_ids = list(range(1, len(emb.names) + 1))
-    pngs = {r.id: out / (Path(r.file_name).stem + ".png") for r in records}
-    for p in [*pngs.values(), *([out / "index.html"] if html else [])]:
-        check_writable(p, force=force)
-    inp, zs = recipe.input, recipe.zeroshot
-    root = Path(".")  # records carry absolute paths (root / absolute == absolute)
+    images = prepare_images(emb.names, source, inputs=inputs, match_names=False)
+    for name in [*picture_names([r.file_name for r in images.records]), *(["index.html"] if html else [])]:
+        check_writable(out / name, force=force)
     with make_progress() as progress:
-        if rpn_ckpt:
-            from rclip_core.rpn import load_rpn
-            from rclip_core.rpn.data import ProposalImages
-            from rclip_core.rpn.proposals import run_proposals
-
-            task = progress.add_task("proposals", total=len(records), rate="")
-            images = ProposalImages(records, root, min_size=inp.min_size, max_size=inp.max_size)
-            props, _ = run_proposals(load_rpn(rpn_ckpt), images, device=device,
-                                     progress=progress_callback(progress, task, "img"))
-            attach_proposals(records, props, stats)
-        dataset = RegionDataset(records, root, min_size=inp.min_size, max_size=inp.max_size,
-                                pixel_mean=inp.pixel_mean, pixel_std=inp.pixel_std, use_proposals=rpn_ckpt is not None,
-                                num_proposals=zs.num_proposals)
-        task = progress.add_task("recognising", total=len(dataset), rate="")
-        results, summary = inference.run_detection(
-            build_zeroshot_detector(clip, emb.embeddings, recipe), dataset, category_ids=cat_ids,
-            batch_size=zs.batch_size, device=device, progress=progress_callback(progress, task, "img"))
-    names = dict(zip(cat_ids, emb.names))
-    by_image: dict[int, list[dict]] = {}
-    for d in results:
-        by_image.setdefault(d["image_id"], []).append(d)
-    skipped = set(summary.skipped_ids)
-    entries, empty = [], 0
-    for rec in records:
-        if rec.id in skipped:
-            continue
-        path = root / rec.file_name
-        dets = select_detections(by_image.get(rec.id, []), score_thresh=score_thresh, topk=topk,
-                                 one_per_box=gt_boxes is not None)
-        empty += not dets
-        image = read_image(path)
-        with atomic_open(pngs[rec.id], "wb", force=force) as f:
-            render(image, dets, names, zoom=max(1, 256 // max(image.size))).save(f, format="PNG")
-        entries.append({"image": pngs[rec.id].name, "source": str(rec.file_name),
-                        "labels": [f"{names[d['category_id']]} {d['score']:.2f}" for d in dets]})
+        task = progress.add_task("recognising", total=len(images.records), rate="")
+        results, summary = run_zeroshot(clip, emb.embeddings, images, source, recipe, device=device,
+                                        progress=progress_callback(progress, task, "img"))
+    names = dict(zip(images.category_ids, emb.names))
+    entries, empty = render_pictures(images.records, images.image_dir, results, names, out, score_thresh=score_thresh,
+                                     topk=topk, one_per_box=gt_boxes is not None,
+                                     skipped_ids=set(summary.skipped_ids), force=force)
     if html:
         write_text(out / "index.html", html_index(entries), force=force)
     index = f"; index {out / 'index.html'}" if html else ""
     console.print(f"wrote {len(entries)} pictures to {out} ({empty} without detections above {score_thresh}; "
                   f"{len(summary.images_skipped)} unreadable skipped){index}")
-

@@ -16,9 +16,9 @@ from rclip_cli.common import (
     model_options,
     progress_callback,
     recipe_options,
+    region_source,
     save_outputs_recipe,
 )
-from rclip_core.errors import RclipError
 
 
 @click.command()
@@ -52,71 +52,34 @@ def zeroshot(image_dir, embeddings, gt_boxes, rpn_ckpt, proposals, annotations, 
       rclip zeroshot --gt-boxes instances_val2017.json --images val2017 --embeddings coco80.pt --out dets.json
       rclip zeroshot --rpn rpn_lvis_866.rclip.pt --images my_photos --embeddings lvis1203.pt --out dets.json
     """
-    from rclip_core import inference
-    from rclip_core.data.coco import (
-        BoxStats,
-        RegionDataset,
-        attach_proposals,
-        images_in_folder,
-        load_detection_annotations,
-    )
-    from rclip_core.detector import build_zeroshot_detector
     from rclip_core.io import check_writable, write_json
     from rclip_core.text_embed import load_embeddings
     from rclip_core.text_encoder import TextEncoder
+    from rclip_core.zeroshot import prepare_images, run_zeroshot
 
-    if sum(x is not None for x in (gt_boxes, rpn_ckpt, proposals)) != 1:
-        raise RclipError("give exactly one region source: --gt-boxes, --rpn or --proposals")
-    if gt_boxes and annotations:
-        raise RclipError("--annotations goes with --rpn/--proposals; --gt-boxes already names the annotation file")
+    source = region_source(gt_boxes=gt_boxes, proposals=proposals, rpn=rpn_ckpt)
     summary_path, images_path = (out.with_name(out.stem + s) for s in (".summary.json", ".images.json"))
-    ann = gt_boxes or annotations
-    for p in (out, summary_path) + (() if ann else (images_path,)):
+    folder_mode = source.kind != "gt" and annotations is None
+    for p in (out, summary_path) + ((images_path,) if folder_mode else ()):
         check_writable(p, force=force)
     device = get_device()
     clip = load_clip(recipe, device)
     emb = load_embeddings(embeddings, dim=clip.visual.attnpool.c_proj.out_features,
                           fingerprint=TextEncoder(clip).fingerprint())
-    if ann:
-        records, categories, box_stats = load_detection_annotations(ann)
-        cat_ids = inference.category_ids_for(emb.names, categories, embeddings)
-    else:
-        records, box_stats = images_in_folder(image_dir), None
-        cat_ids = emb.category_ids or list(range(1, len(emb.names) + 1))
-        categories = [{"id": i, "name": n} for i, n in zip(cat_ids, emb.names)]
-    records = records[:limit] if limit is not None else records
-    box_stats = box_stats or BoxStats()
-    zs, inp = recipe.zeroshot, recipe.input
+    images = prepare_images(emb.names, source, image_dir=image_dir, annotations=annotations,
+                            embedding_ids=emb.category_ids, limit=limit, names_source=embeddings)
     with make_progress() as progress:
-        if rpn_ckpt:
-            from rclip_core.rpn import load_rpn
-            from rclip_core.rpn.data import ProposalImages
-            from rclip_core.rpn.proposals import run_proposals
-
-            task = progress.add_task("proposals", total=len(records), rate="")
-            # Proposals come back in original-image pixels, so the CLIP branch below rescales them like GT boxes.
-            images = ProposalImages(records, image_dir, min_size=inp.min_size, max_size=inp.max_size)
-            proposals, _ = run_proposals(load_rpn(rpn_ckpt), images, device=device, strict=strict,
-                                         progress=progress_callback(progress, task, "img"))
-        if proposals is not None:
-            attach_proposals(records, proposals, box_stats)
-        dataset = RegionDataset(records, image_dir, min_size=inp.min_size, max_size=inp.max_size,
-                                pixel_mean=inp.pixel_mean, pixel_std=inp.pixel_std, use_proposals=gt_boxes is None,
-                                num_proposals=zs.num_proposals)
-        task = progress.add_task("zero-shot", total=len(dataset), rate="")
-        results, summary = inference.run_detection(
-            build_zeroshot_detector(clip, emb.embeddings, recipe), dataset, category_ids=cat_ids,
-            batch_size=zs.batch_size, num_workers=zs.num_workers, device=device, strict=strict,
-            progress=progress_callback(progress, task, "img"))
+        task = progress.add_task("zero-shot", total=len(images.records), rate="")
+        results, summary = run_zeroshot(clip, emb.embeddings, images, source, recipe, device=device, strict=strict,
+                                        progress=progress_callback(progress, task, "img"))
     write_json(out, results, force=force, indent=None)
-    if not ann:
-        write_json(images_path, {"images": [{"id": r.id, "file_name": r.file_name} for r in records],
-                                 "categories": categories}, force=force)
-    mode = "gt" if gt_boxes else "rpn" if rpn_ckpt else "proposals"
-    write_json(summary_path, {**summary.to_dict(), "boxes": box_stats.__dict__, "embeddings": str(embeddings),
-                              "mode": mode}, force=force)
+    if images.folder_mode:
+        write_json(images_path, images.skeleton(), force=force)
+    write_json(summary_path, {**summary.to_dict(), "boxes": images.box_stats.__dict__, "embeddings": str(embeddings),
+                              "mode": source.kind, "region_source": source.describe()}, force=force)
     save_outputs_recipe(recipe, out)
+    stats = images.box_stats
     console.print(f"{summary.images} images, {summary.regions} regions → {summary.detections} detections in {out}"
-                  f" ({summary.to_dict()['images_per_second']} img/s); skipped {len(summary.images_skipped)} "
+                  f" ({summary.images_per_second} img/s); skipped {len(summary.images_skipped)} "
                   f"unreadable, {summary.images_without_detections} without detections; boxes clipped "
-                  f"{box_stats.clipped}, dropped {box_stats.dropped}")
+                  f"{stats.clipped}, dropped {stats.dropped}")

@@ -1,6 +1,7 @@
-"""Our checkpoint format and strict state-dict loading that names every problem.
+"""Our checkpoint format, the one reader of torch files, and strict state-dict loading that names every problem.
 
-Checkpoint: ``{"model": state_dict, "recipe": dict, "step": int, "optimizer"?, "scheduler"?, "rclip_version": str}``.
+Checkpoint: ``{"model": state_dict, "recipe": dict, "step": int, "optimizer"?, "scheduler"?, "rng"?,
+"rclip_version": str, ...}``. Every ``torch.load`` in rclip goes through :func:`read_torch_file`.
 """
 
 from __future__ import annotations
@@ -14,6 +15,43 @@ from torch import nn
 
 from rclip_core import __version__
 from rclip_core.errors import RclipError
+
+TRAINING_KEYS = ("model", "optimizer", "scheduler", "step")
+
+
+def read_torch_file(path: str | os.PathLike, *, what: str = "checkpoint") -> Any:
+    """``torch.load`` a file safely (``weights_only``, on the CPU) with one-line errors naming the file.
+
+    OpenAI's released CLIP ``.pt`` files are TorchScript archives; they are read through ``torch.jit.load`` and
+    returned as their state dict.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise RclipError(f"{what} not found: {p}")
+    try:
+        return torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as first:  # torch raises several unrelated types for a bad file
+        try:
+            return torch.jit.load(str(p), map_location="cpu").state_dict()
+        except Exception:
+            raise RclipError(f"{p}: not a readable {what} ({_why_unreadable(p, first)})") from None
+
+
+def _why_unreadable(path: Path, error: Exception) -> str:
+    """A short reason for a failed ``torch.load`` (torch's own messages run to several lines of advice)."""
+    import zipfile
+
+    text = str(error)
+    if not zipfile.is_zipfile(path):
+        with open(path, "rb") as f:
+            head = f.read(2)
+        if not head.startswith(b"\x80"):  # neither a zip archive nor a legacy pickle
+            return "not a PyTorch file"
+    if "Weights only load failed" in text:
+        return ("it holds Python objects besides tensors, which rclip does not unpickle; only tensor checkpoints "
+                "are read")
+    first = text.splitlines()[0] if text else type(error).__name__
+    return first[:120]
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -29,18 +67,33 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             return load_file(str(p))
         except Exception as e:  # safetensors raises its own error types
             raise RclipError(f"{p}: not a readable safetensors file ({e})") from None
-    try:
-        obj: Any = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as first:
-        try:  # OpenAI's released .pt files are TorchScript archives
-            obj = torch.jit.load(str(p), map_location="cpu").state_dict()
-        except Exception:
-            raise RclipError(f"{p}: not a readable checkpoint ({str(first).splitlines()[0]})") from None
+    obj = read_torch_file(p)
     for key in ("model", "state_dict"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise RclipError(f"{p}: does not hold a state dict of tensors")
+    return obj
+
+
+def load_checkpoint(path: str | os.PathLike, *, module: nn.Module | None = None, training: bool = False) -> dict:
+    """Read an rclip checkpoint; optionally load its ``model`` into ``module`` strictly.
+
+    Args:
+        training: require what resuming needs (model, optimizer, scheduler, step).
+
+    Raises:
+        RclipError: unreadable, not an rclip checkpoint, or (with ``module``) keys or shapes that do not fit.
+    """
+    p = Path(path)
+    obj = read_torch_file(p)
+    needed = TRAINING_KEYS if training else ("model",)
+    if not isinstance(obj, dict) or any(k not in obj for k in needed):
+        kind = "resumable training checkpoint" if training else "rclip checkpoint"
+        raise RclipError(f"{p}: not a {kind} (needs {', '.join(needed)})")
+    if module is not None:
+        check_state_dict(module, obj["model"], str(p))
+        module.load_state_dict(obj["model"], strict=True)
     return obj
 
 

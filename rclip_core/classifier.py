@@ -19,17 +19,17 @@ class CosineClassifier(nn.Module):
 
     Args:
         class_embeddings: (K, D) text embeddings (normalised here; stored as a buffer, never trained).
-        temperature: τ; logits are cos / τ.
+        temperature: τ; logits are cos / τ (the original's 0.01 is the recipe default, ``zeroshot.temperature``).
         background: append a background column before the softmax.
         bg_embedding: (D,) background embedding; default all-zero (logit 0), the original's zero-shot choice.
 
     Example:
-        >>> clf = CosineClassifier(torch.eye(3))
+        >>> clf = CosineClassifier(torch.eye(3), temperature=0.01, background=True)
         >>> clf(torch.tensor([[1.0, 0.0, 0.0]])).argmax(dim=1)
         tensor([0])
     """
 
-    def __init__(self, class_embeddings: Tensor, *, temperature: float = 0.01, background: bool = True,
+    def __init__(self, class_embeddings: Tensor, *, temperature: float, background: bool,
                  bg_embedding: Tensor | None = None) -> None:
         super().__init__()
         self.register_buffer("class_embeddings", F.normalize(class_embeddings.float(), dim=-1))  # (K, D)
@@ -51,7 +51,11 @@ class CosineClassifier(nn.Module):
             logits = torch.cat([logits, (feats @ self.bg_embedding)[:, None]], dim=1)  # (R, K+1)
         return logits / self.temperature
 
+    def probs(self, logits: Tensor) -> Tensor:
+        """Logits (R, K [+1]) from :meth:`logits` → class probabilities (R, K), the background column dropped after
+        the softmax (so a row sums to slightly less than 1)."""
+        return logits.softmax(dim=-1)[:, : self.num_classes]
+
     def forward(self, region_features: Tensor) -> Tensor:
         """(R, D) → class probabilities (R, K), background column dropped after the softmax."""
-        probs = self.logits(region_features).softmax(dim=-1)
-        return probs[:, : self.num_classes]
+        return self.probs(self.logits(region_features))

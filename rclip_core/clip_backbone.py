@@ -100,73 +100,132 @@ def create_clip(variant: str, weights: str | None = None, *, log_random_init: bo
     return model.eval()
 
 
-class CLIPRegionEncoder(nn.Module):
-    """Region embeddings from a CLIP ``ModifiedResNet``.
+def attnpool_grid(attnpool: nn.Module) -> int:
+    """The attention pool's native spatial size (7 for RN50, 9 for RN50x4), read from its positional embedding."""
+    return int(round((attnpool.positional_embedding.shape[0] - 1) ** 0.5))
+
+
+class CLIPTrunk(nn.Module):
+    """A CLIP ``ModifiedResNet`` from the stem through ``layer3`` as a detection backbone (the original's C4 design:
+    the backbone stops at res4, regions are pooled there).
 
     Args:
-        visual: open_clip ``ModifiedResNet`` (``clip.visual``); its modules are used, not copied.
-        pooler_resolution: RoIAlign output size P; must be ``2 × visual.attnpool`` grid.
+        visual: open_clip ``ModifiedResNet``; its modules are used, not copied.
+
+    Attributes:
+        out_channels: C4, the channels of res4 (1024 for RN50, 1280 for RN50x4).
+        stride: 16, res4's stride in input pixels.
+
+    Example:
+        >>> trunk = CLIPTrunk(create_clip("tiny").visual)
+        >>> trunk(torch.zeros(1, 3, 224, 224)).shape, trunk.stride
+        (torch.Size([1, 256, 14, 14]), 16)
+    """
+
+    stride = 16
+
+    def __init__(self, visual: nn.Module) -> None:
+        super().__init__()
+        v = visual
+        self.stem = nn.Sequential(v.conv1, v.bn1, v.act1, v.conv2, v.bn2, v.act2, v.conv3, v.bn3, v.act3, v.avgpool)
+        self.layer1, self.layer2, self.layer3 = v.layer1, v.layer2, v.layer3
+        self.out_channels = int(v.layer4[0].conv1.in_channels)
+
+    def forward(self, images: Tensor) -> Tensor:
+        """``images`` (B, 3, H, W), normalised → res4 (B, C4, ceil(H/16), ceil(W/16))."""
+        return self.layer3(self.layer2(self.layer1(self.stem(images))))
+
+    def freeze(self, freeze_at: int) -> None:
+        """Stop gradients into the stem (``freeze_at`` >= 1) and ``layer1..layer{freeze_at - 1}`` (detectron2's
+        FREEZE_AT; the original trains above res2, ``freeze_at`` 2)."""
+        stages = [self.stem, self.layer1, self.layer2, self.layer3]
+        for stage in stages[: max(0, freeze_at)]:
+            stage.requires_grad_(False)
+
+
+class RegionHead(nn.Module):
+    """RoIAlign P×P on res4 → ``layer4`` (res5) → attention pool: one embedding per region (RegionCLIP §3.1).
+
+    Its own module, so a student and a frozen teacher each own one.
+
+    Args:
+        layer4: the ResNet's last stage (stride 2).
+        attnpool: open_clip ``AttentionPool2d``; its positional embedding fixes the grid P / 2.
+        pooler_resolution: P; must be twice the attention pool's grid, because open_clip does not interpolate the
+            positional embedding (14 for RN50, 18 for RN50x4).
+        spatial_scale: res4 pixels per input pixel (1/16).
 
     Example:
         >>> clip = create_clip("tiny")
-        >>> enc = CLIPRegionEncoder(clip.visual, pooler_resolution=14)
-        >>> res4 = enc.trunk(torch.zeros(1, 3, 224, 224))           # (1, C4, 14, 14)
-        >>> enc.region_head(res4, [torch.tensor([[0., 0., 100., 100.]])]).shape
+        >>> head = RegionHead(clip.visual.layer4, clip.visual.attnpool, pooler_resolution=14)
+        >>> head(torch.zeros(1, 256, 14, 14), [torch.tensor([[0., 0., 100., 100.]])]).shape
+        torch.Size([1, 32])
+    """
+
+    def __init__(self, layer4: nn.Module, attnpool: nn.Module, *, pooler_resolution: int,
+                 spatial_scale: float = 1 / 16) -> None:
+        super().__init__()
+        grid = attnpool_grid(attnpool)
+        if pooler_resolution != 2 * grid:
+            raise RclipError(f"pooler_resolution {pooler_resolution} does not fit the attention pool's {grid}×{grid} "
+                             f"grid (use {2 * grid}): open_clip does not interpolate its positional embedding")
+        self.layer4 = layer4
+        self.attnpool = attnpool
+        self.pooler_resolution = pooler_resolution
+        self.spatial_scale = spatial_scale
+        self.out_dim = int(attnpool.c_proj.out_features)  # D
+
+    def pool(self, res4: Tensor, boxes_per_image: list[Tensor]) -> Tensor:
+        """RoIAlign of boxes (``xyxy`` input pixels) on res4 (B, C4, h, w) → (R, C4, P, P)."""
+        boxes = [b.to(dtype=res4.dtype, device=res4.device) for b in boxes_per_image]
+        # detectron2's ROIAlignV2, the original's pooler: aligned=True (half-pixel offset), sampling_ratio=0 (adaptive).
+        return roi_align(res4, boxes, output_size=self.pooler_resolution, spatial_scale=self.spatial_scale,
+                         sampling_ratio=0, aligned=True)
+
+    def forward(self, res4: Tensor, boxes_per_image: list[Tensor]) -> Tensor:
+        """(R, D) region embeddings for B tensors (R_i, 4) of boxes, in image order; (0, D) for no boxes."""
+        if sum(int(b.shape[0]) for b in boxes_per_image) == 0:
+            return res4.new_zeros((0, self.out_dim))
+        return self.attnpool(self.layer4(self.pool(res4, boxes_per_image)))  # (R, D)
+
+
+class CLIPRegionEncoder(nn.Module):
+    """Region embeddings from a CLIP ``ModifiedResNet``: :class:`CLIPTrunk` then :class:`RegionHead`.
+
+    Args:
+        visual: open_clip ``ModifiedResNet`` (``clip.visual``); its modules are used, not copied.
+        pooler_resolution: RoIAlign output size P; must be ``2 ×`` the attention pool's grid.
+
+    Example:
+        >>> enc = CLIPRegionEncoder(create_clip("tiny").visual, pooler_resolution=14)
+        >>> enc(torch.zeros(1, 3, 224, 224), [torch.tensor([[0., 0., 100., 100.]])]).shape
         torch.Size([1, 32])
     """
 
     def __init__(self, visual: nn.Module, *, pooler_resolution: int) -> None:
         super().__init__()
-        self.visual = visual
-        grid = int(round((visual.attnpool.positional_embedding.shape[0] - 1) ** 0.5))
-        if pooler_resolution != 2 * grid:
-            raise RclipError(f"pooler_resolution {pooler_resolution} does not fit the attention pool's {grid}×{grid} "
-                             f"grid (use {2 * grid}): open_clip does not interpolate its positional embedding")
-        self.pooler_resolution = pooler_resolution
-        self.out_dim = visual.attnpool.c_proj.out_features  # D
-
-    @property
-    def res4_channels(self) -> int:
-        """Channels of the res4 map (input width of ``layer4``)."""
-        return self.visual.layer4[0].conv1.in_channels
-
-    def trunk(self, images: Tensor) -> Tensor:
-        """Stem..layer3. ``images`` (B, 3, H, W), normalised → res4 (B, C4, ceil(H/16), ceil(W/16))."""
-        v = self.visual
-        return v.layer3(v.layer2(v.layer1(v.stem(images))))
-
-    def region_head(self, res4: Tensor, boxes_per_image: list[Tensor]) -> Tensor:
-        """RoIAlign P×P on res4 → layer4 → attention pool.
-
-        Args:
-            res4: (B, C4, h, w) from :meth:`trunk`.
-            boxes_per_image: B tensors (R_i, 4), ``xyxy`` in pixels of the image given to :meth:`trunk`.
-
-        Returns:
-            (R, D) region embeddings, R = sum R_i, in image order; (0, D) when there are no boxes.
-        """
-        num = sum(int(b.shape[0]) for b in boxes_per_image)
-        if num == 0:
-            return res4.new_zeros((0, self.out_dim))
-        boxes = [b.to(dtype=res4.dtype, device=res4.device) for b in boxes_per_image]
-        # Same op as detectron2's ROIAlignV2: aligned=True, sampling_ratio=0 (adaptive).
-        pooled = roi_align(res4, boxes, output_size=self.pooler_resolution, spatial_scale=1 / 16,
-                           sampling_ratio=0, aligned=True)  # (R, C4, P, P)
-        return self.visual.attnpool(self.visual.layer4(pooled))  # (R, D)
+        self.trunk = CLIPTrunk(visual)
+        self.head = RegionHead(visual.layer4, visual.attnpool, pooler_resolution=pooler_resolution)
+        self.out_dim = self.head.out_dim  # D
 
     def forward(self, images: Tensor, boxes_per_image: list[Tensor]) -> Tensor:
-        """Region embeddings (R, D) for boxes on normalised images (B, 3, H, W)."""
-        return self.region_head(self.trunk(images), boxes_per_image)
+        """Region embeddings (R, D) for boxes (``xyxy`` pixels of ``images``) on normalised images (B, 3, H, W)."""
+        return self.head(self.trunk(images), boxes_per_image)
 
     def encode_image(self, images: Tensor) -> Tensor:
         """Whole-image embeddings (B, D): the full-image box through the region path (the original's "global"
         proposal in pretraining), so image-level training shapes the same features regions use."""
+        from rclip_core.boxes import full_image_boxes
+
         b, _, h, w = images.shape
-        full = images.new_tensor([[0.0, 0.0, float(w), float(h)]])
-        return self.forward(images, [full] * b)
+        return self.forward(images, list(full_image_boxes(b, h, w, device=images.device)[:, None]))
 
 
 def build_region_encoder(clip: nn.Module, variant: str, pooler_resolution: int | None = None) -> CLIPRegionEncoder:
     """A :class:`CLIPRegionEncoder` over ``clip.visual`` with the variant's pooler resolution unless overridden."""
-    res = pooler_resolution or get_variant(variant).pooler_resolution
-    return CLIPRegionEncoder(clip.visual, pooler_resolution=res)
+    return CLIPRegionEncoder(clip.visual, pooler_resolution=pooler_resolution_for(variant, pooler_resolution))
+
+
+def pooler_resolution_for(variant: str, override: int | None = None) -> int:
+    """The recipe's ``model.pooler_resolution``, or the variant's native one (14 for RN50, 18 for RN50x4)."""
+    return override or get_variant(variant).pooler_resolution

@@ -1,21 +1,164 @@
-"""Zero-shot region recognition and detection: ``ZeroShotDetector(encoder, classifier)`` (RegionCLIP §3.1 zero-shot
-inference; the exact post-processing of the original release, regionclip_facts.md §3).
+"""``RegionDetector(transform, backbone, proposal_generator, roi_heads)``: RegionCLIP's detector, composed from built
+parts as torchvision's ``GeneralizedRCNN`` is (RegionCLIP §3.1 zero-shot inference, §3.4 transfer; the original's
+``CLIPFastRCNN``, regionclip_facts.md §3).
 
-Shapes: B images, R_i regions of image i, K classes, D embedding dim.
+- **transform**: an :class:`~rclip_core.data.transforms.ImageNormalizer` (CLIP's RGB mean/std) turning the batch's
+  uint8 images into a normalised, padded ``ImageList``;
+- **backbone**: the CLIP trunk to res4 (:class:`~rclip_core.clip_backbone.CLIPTrunk`, ``out_channels``, ``stride``);
+- **proposal_generator**: where regions come from: :class:`GivenBoxes` (ground-truth boxes or a proposals file
+  carried by the batch) or :class:`RPNProposals` (a standalone RPN with its own trunk and input convention, run on
+  the same decoded, resized image);
+- **roi_heads**: :class:`RegionHeads`: pooler + res5 + attention pool (:class:`~rclip_core.clip_backbone.RegionHead`)
+  and a cosine classifier against text embeddings (+ the class-agnostic box regressor finetuning adds).
+
+``forward`` returns raw outputs (:class:`RegionOutputs`) for losses or post-processing; :meth:`RegionDetector.detect`
+is ``forward`` followed by the pure post-processing (:func:`fuse_scores`, :func:`postprocess`).
+
+Batch items (what :class:`rclip_core.data.coco.DetectionDataset` yields): ``{"image": uint8 (3, H, W) resized,
+"boxes": (G, 4), "labels": (G,), "proposals"?: (P, 4), "objectness"?: (P,), ...}``, boxes ``xyxy`` in pixels of the
+resized image.
+
+Shapes: B images, P_i regions of image i, R = Σ P_i, K classes, D embedding dim.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 from torch import Tensor, nn
+from torchvision.models.detection.image_list import ImageList
 from torchvision.ops import batched_nms
 
 from rclip_core.classifier import CosineClassifier
-from rclip_core.clip_backbone import CLIPRegionEncoder
+from rclip_core.clip_backbone import CLIPTrunk, RegionHead
+from rclip_core.data.transforms import ImageNormalizer
 
 ScoreFusion = Literal["raw_logit", "sigmoid", "none"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# proposal generators
+
+
+@dataclass
+class Proposals:
+    """Regions per image (``xyxy`` in the resized image's pixels), raw objectness logits (None for GT boxes) and the
+    proposal generator's training losses (empty when it is frozen or given)."""
+
+    boxes: list[Tensor]
+    objectness: list[Tensor] | None
+    losses: dict[str, Tensor] = field(default_factory=dict)
+
+
+def _top_by_objectness(boxes: Tensor, objectness: Tensor | None, k: int | None) -> tuple[Tensor, Tensor | None]:
+    if objectness is None or k is None or boxes.shape[0] <= k:
+        return boxes, objectness
+    top = objectness.topk(k).indices
+    return boxes[top], objectness[top]
+
+
+class GivenBoxes(nn.Module):
+    """Regions that come with the batch: ground-truth boxes (``key="boxes"``, no objectness; the paper's GT-box
+    protocol) or precomputed proposals (``key="proposals"`` with ``"objectness"``), the best ``topk`` kept.
+
+    Example:
+        >>> GivenBoxes("boxes")([{"boxes": torch.tensor([[0., 0., 9., 9.]])}], None, None).boxes
+        [tensor([[0., 0., 9., 9.]])]
+    """
+
+    def __init__(self, key: Literal["boxes", "proposals"], *, topk: int | None = None) -> None:
+        super().__init__()
+        self.key, self.topk = key, topk
+
+    def forward(self, batch: list[dict], images: ImageList | None, features: Tensor | None) -> Proposals:
+        boxes, objectness = [], []
+        for item in batch:
+            b = item.get(self.key)
+            b = torch.zeros((0, 4)) if b is None else b
+            obj = item.get("objectness") if self.key == "proposals" else None
+            if self.key == "proposals" and obj is None:
+                obj = torch.zeros(b.shape[0])
+            b, obj = _top_by_objectness(b, obj, self.topk)
+            boxes.append(b)
+            objectness.append(obj)
+        return Proposals(boxes, objectness if self.key == "proposals" else None)
+
+
+class RPNProposals(nn.Module):
+    """A standalone RPN (:class:`rclip_core.rpn.model.RPNModel`, its own ResNet and input convention) proposing on
+    the batch's uint8 images; frozen (eval mode, no gradients), as the original's offline RPN.
+
+    Args:
+        rpn: the RPN; its ``post_nms_topk_test`` already bounds the count.
+        topk: keep at most this many (by objectness) per image.
+    """
+
+    def __init__(self, rpn: nn.Module, *, topk: int | None = None) -> None:
+        super().__init__()
+        self.rpn = rpn.eval().requires_grad_(False)
+        self.topk = topk
+
+    def train(self, mode: bool = True) -> RPNProposals:
+        super().train(mode)
+        self.rpn.eval()  # frozen: proposals never use the training-time top-k
+        return self
+
+    def forward(self, batch: list[dict], images: ImageList | None, features: Tensor | None) -> Proposals:
+        device = next(self.rpn.parameters()).device
+        with torch.no_grad():
+            out = self.rpn([item["image"].to(device) for item in batch])
+        pairs = [_top_by_objectness(b, o, self.topk) for b, o in zip(out.boxes, out.objectness)]
+        return Proposals([b for b, _ in pairs], [o for _, o in pairs])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# RoI heads
+
+
+@dataclass
+class RegionOutputs:
+    """What :meth:`RegionDetector.forward` returns.
+
+    Attributes:
+        proposals: B tensors (P_i, 4), the regions, ``xyxy`` in resized-image pixels.
+        objectness: B tensors (P_i,) of raw RPN logits, or None (GT boxes).
+        image_sizes: B (h, w) of the resized images before padding.
+        region_features: (R, D) region embeddings (not normalised).
+        class_logits: (R, K [+1]) cosine / τ, the background column last when the classifier has one.
+        box_deltas: (R, 4) class-agnostic box regression, or None without a regressor.
+        proposal_losses: the proposal generator's training losses.
+    """
+
+    proposals: list[Tensor]
+    objectness: list[Tensor] | None
+    image_sizes: list[tuple[int, int]]
+    region_features: Tensor
+    class_logits: Tensor
+    box_deltas: Tensor | None = None
+    proposal_losses: dict[str, Tensor] = field(default_factory=dict)
+
+
+class RegionHeads(nn.Module):
+    """Pooler + res5 + attention pool (``head``) and the cosine ``classifier``, with an optional class-agnostic
+    ``box_regressor`` (``Linear(D, 4)``, the original's ``bbox_pred``) for finetuned detectors."""
+
+    def __init__(self, head: RegionHead, classifier: CosineClassifier, box_regressor: nn.Module | None = None) -> None:
+        super().__init__()
+        self.head = head
+        self.classifier = classifier
+        self.box_regressor = box_regressor
+
+    def forward(self, features: Tensor, boxes_per_image: list[Tensor]) -> tuple[Tensor, Tensor, Tensor | None]:
+        """res4 (B, C4, h, w) and B tensors (P_i, 4) → (features (R, D), logits (R, K [+1]), deltas (R, 4) | None)."""
+        feats = self.head(features, boxes_per_image)  # (R, D)
+        deltas = self.box_regressor(feats) if self.box_regressor is not None else None
+        return feats, self.classifier.logits(feats), deltas
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# post-processing (pure)
 
 
 def fuse_scores(probs: Tensor, objectness: Tensor | None, mode: ScoreFusion) -> Tensor:
@@ -52,61 +195,88 @@ def postprocess(boxes: Tensor, scores: Tensor, *, score_thresh: float, nms_thres
     return {"boxes": det_boxes[order], "scores": det_scores[order], "labels": labels[order]}
 
 
-class ZeroShotDetector(nn.Module):
-    """Classify given regions (GT boxes or proposals) of images with text embeddings.
+# ---------------------------------------------------------------------------------------------------------------
+# the detector
+
+
+class RegionDetector(nn.Module):
+    """RegionCLIP's detector: transform → backbone (res4) → proposal generator → RoI heads.
 
     Args:
-        encoder: a :class:`CLIPRegionEncoder`.
-        classifier: a :class:`CosineClassifier` over K class embeddings.
-        score_thresh, nms_thresh, max_dets: post-processing (see :func:`postprocess`).
-        score_fusion: how proposal objectness joins the class probability (see :func:`fuse_scores`).
+        transform: uint8 images → normalised ``ImageList`` (the CLIP branch's convention).
+        backbone: normalised images → res4 (``out_channels``, ``stride``).
+        proposal_generator: :class:`GivenBoxes` or :class:`RPNProposals` (or any module of that signature).
+        roi_heads: :class:`RegionHeads`.
+        score_fusion, score_thresh, nms_thresh, max_dets: post-processing of :meth:`detect` (the recipe's
+            ``zeroshot`` section).
 
     Example:
-        >>> det = ZeroShotDetector(encoder, CosineClassifier(text_emb), score_thresh=0.001)
-        >>> out = det(images, [torch.tensor([[10., 10., 80., 90.]])])   # one dict per image
+        >>> det = build_region_detector(clip, emb, recipe, GivenBoxes("boxes"))
+        >>> det.detect([{"image": image_uint8, "boxes": torch.tensor([[10., 10., 80., 90.]])}])
     """
 
-    def __init__(self, encoder: CLIPRegionEncoder, classifier: CosineClassifier, *, score_thresh: float = 0.001,
-                 nms_thresh: float = 0.5, max_dets: int = 100, score_fusion: ScoreFusion = "raw_logit") -> None:
+    def __init__(self, transform: ImageNormalizer, backbone: CLIPTrunk, proposal_generator: nn.Module,
+                 roi_heads: RegionHeads, *, score_fusion: ScoreFusion, score_thresh: float, nms_thresh: float,
+                 max_dets: int) -> None:
         super().__init__()
-        self.encoder = encoder
-        self.classifier = classifier
-        self.score_thresh, self.nms_thresh, self.max_dets = score_thresh, nms_thresh, max_dets
+        self.transform = transform
+        self.backbone = backbone
+        self.proposal_generator = proposal_generator
+        self.roi_heads = roi_heads
         self.score_fusion = score_fusion
+        self.score_thresh, self.nms_thresh, self.max_dets = score_thresh, nms_thresh, max_dets
+
+    @property
+    def classifier(self) -> CosineClassifier:
+        return self.roi_heads.classifier
+
+    def forward(self, batch: list[dict]) -> RegionOutputs:
+        """Raw outputs for a batch of items (see the module docstring)."""
+        images = self.transform([item["image"] for item in batch])
+        features = self.backbone(images.tensors)  # (B, C4, H/16, W/16)
+        proposals = self.proposal_generator(batch, images, features)
+        boxes = [b.to(features.device, torch.float32) for b in proposals.boxes]
+        feats, logits, deltas = self.roi_heads(features, boxes)
+        return RegionOutputs(proposals=boxes, objectness=proposals.objectness, image_sizes=images.image_sizes,
+                             region_features=feats, class_logits=logits, box_deltas=deltas,
+                             proposal_losses=proposals.losses)
+
+    def region_probs(self, outputs: RegionOutputs) -> list[Tensor]:
+        """Class probabilities per image (B tensors (P_i, K)): softmax over K [+ background], background dropped."""
+        probs = self.classifier.probs(outputs.class_logits)
+        return list(probs.split([int(b.shape[0]) for b in outputs.proposals]))
 
     @torch.no_grad()
-    def region_probs(self, images: Tensor, boxes_per_image: list[Tensor]) -> list[Tensor]:
-        """Class probabilities per image: B tensors (R_i, K)."""
-        probs = self.classifier(self.encoder(images, boxes_per_image))  # (R, K)
-        return list(probs.split([int(b.shape[0]) for b in boxes_per_image]))
+    def detect(self, batch: list[dict]) -> list[dict[str, Tensor]]:
+        """Detections per image in resized-image pixels: ``{"boxes", "scores", "labels"}`` (see :func:`postprocess`)
+        and ``"num_regions"``, how many regions were classified.
 
-    @torch.no_grad()
-    def forward(self, images: Tensor, boxes_per_image: list[Tensor],
-                objectness_per_image: list[Tensor] | None = None) -> list[dict[str, Tensor]]:
-        """Detections per image, boxes in the coordinates of ``images``.
-
-        Args:
-            images: (B, 3, H, W) normalised.
-            boxes_per_image: B tensors (R_i, 4) ``xyxy``; the regions themselves are the output boxes (no box
-                regression in zero-shot, as the original's NO_BOX_DELTA).
-            objectness_per_image: B tensors (R_i,) of raw RPN logits, or None for GT boxes (no fusion).
+        Regions are the output boxes (no box regression in zero-shot, as the original's NO_BOX_DELTA); proposal
+        objectness is fused into the scores (``score_fusion``).
         """
-        probs_per_image = self.region_probs(images, boxes_per_image)
-        out = []
-        for i, (boxes, probs) in enumerate(zip(boxes_per_image, probs_per_image)):
-            obj = objectness_per_image[i] if objectness_per_image is not None else None
-            scores = fuse_scores(probs, obj, self.score_fusion)
-            out.append(postprocess(boxes.to(probs.device).float(), scores, score_thresh=self.score_thresh,
-                                   nms_thresh=self.nms_thresh, max_dets=self.max_dets))
-        return out
+        out = self.forward(batch)
+        dets = []
+        for i, (boxes, probs) in enumerate(zip(out.proposals, self.region_probs(out))):
+            obj = out.objectness[i] if out.objectness is not None else None
+            scores = fuse_scores(probs, obj.to(probs.device) if obj is not None else None, self.score_fusion)
+            det = postprocess(boxes.float(), scores, score_thresh=self.score_thresh, nms_thresh=self.nms_thresh,
+                              max_dets=self.max_dets)
+            dets.append({**det, "num_regions": int(boxes.shape[0])})
+        return dets
 
 
-def build_zeroshot_detector(clip: nn.Module, class_embeddings: Tensor, recipe) -> ZeroShotDetector:
-    """A :class:`ZeroShotDetector` over ``clip.visual`` from a :class:`rclip_core.recipes.Recipe`."""
-    from rclip_core.clip_backbone import build_region_encoder
+def build_region_detector(clip: nn.Module, class_embeddings: Tensor, recipe, proposal_generator: nn.Module
+                          ) -> RegionDetector:
+    """A zero-shot :class:`RegionDetector` over ``clip.visual`` from a :class:`rclip_core.recipes.Recipe`: the
+    variant's pooler, ``zeroshot`` classifier and post-processing, the ``input`` normalisation."""
+    from rclip_core.clip_backbone import pooler_resolution_for
+    from rclip_core.data.transforms import clip_normalizer
 
-    encoder = build_region_encoder(clip, recipe.model.variant, recipe.model.pooler_resolution)
+    visual = clip.visual
+    head = RegionHead(visual.layer4, visual.attnpool,
+                      pooler_resolution=pooler_resolution_for(recipe.model.variant, recipe.model.pooler_resolution))
     zs = recipe.zeroshot
     classifier = CosineClassifier(class_embeddings, temperature=zs.temperature, background=zs.background)
-    return ZeroShotDetector(encoder, classifier, score_thresh=zs.score_thresh, nms_thresh=zs.nms_thresh,
-                            max_dets=zs.max_dets, score_fusion=zs.score_fusion)
+    return RegionDetector(clip_normalizer(recipe.input.pixel_mean, recipe.input.pixel_std), CLIPTrunk(visual),
+                          proposal_generator, RegionHeads(head, classifier), score_fusion=zs.score_fusion,
+                          score_thresh=zs.score_thresh, nms_thresh=zs.nms_thresh, max_dets=zs.max_dets)

@@ -1,333 +1,448 @@
-"""Training loop for image-text contrastive learning, and GT-box region accuracy.
+"""The one training loop every stage uses (RPN training, image-text and region-text pretraining, finetuning).
 
-Shapes: B images, R regions, K classes, D embedding dim.
+A stage supplies a model, a pure ``compute_losses(model, batch) -> {"loss_*": Tensor}`` and a dataset indexed by
+``(index, sample_seed)``; :func:`train` owns everything else:
 
-:func:`train_image_text` is RegionCLIP's image-level loss (§3.3, ``loss_img_txt_level``) on its own: the whole image
-goes through the *region* path (full-image box → RoIAlign → res5 → attention pool), as the original's "global"
-proposal does, so that what is learned from captions is what region classification uses at test time. Unlike the
-original, which starts from OpenAI CLIP with a frozen text tower, the demo trains both towers from random weights.
+- the optimizer (SGD with momentum or AdamW, over the stage's parameter groups) and one schedule (linear warm-up,
+  then multi-step or cosine; :func:`lr_factor`), gradient-norm clipping, AMP on CUDA (bf16 also on capable CPUs);
+- :class:`StepSampler`, a step-indexed, resumable, rank-sharded batch sampler feeding a real ``DataLoader`` with
+  workers: the global batch of every step and each sample's augmentation seed follow from ``(seed, step)`` alone;
+- randomness that never touches the caller's: the loop runs under ``torch.random.fork_rng`` with a per-rank seed,
+  and each rank's random state is saved in checkpoints (torchvision's samplers draw from it);
+- ``OUT/checkpoint.pt`` every ``checkpoint_every`` steps, at the end and on Ctrl-C (SIGINT stops after the step in
+  progress), written atomically by rank 0 with the model, optimizer, scheduler, random states and the full resolved
+  recipe; ``resume`` continues bit for bit on the CPU (tested); ``OUT/metrics.jsonl`` gets one line per step;
+- a divergence check (a non-finite loss stops with an error naming the step and the loss);
+- hooks (progress bars, evaluation) called on rank 0 after every step.
 
-The loop is deliberately plain (nanoGPT-style): a seeded, resumable batch order, AdamW with linear warm-up and cosine
-decay, gradient clipping, and an optional checkpoint holding the step, optimizer and scheduler.
+Under ``torchrun`` (``rclip_core.distributed``) the model is wrapped in DDP, trained batch norms share the global
+batch's statistics, and rank 0 alone writes.
 """
 
 from __future__ import annotations
 
+import bisect
+import contextlib
+import json
 import logging
 import math
 import os
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Protocol
 
+import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
 
-from rclip_core.checkpoint import save_checkpoint
-from rclip_core.clip_backbone import CLIPRegionEncoder
-from rclip_core.data.captions import CaptionDataset, load_image, normalize_image
+from rclip_core import distributed as D
+from rclip_core.checkpoint import load_checkpoint, save_checkpoint
+from rclip_core.data.coco import collate_list
 from rclip_core.errors import RclipError
-from rclip_core.io import read_json
-from rclip_core.losses import image_text_contrastive
-from rclip_core.recipes import CLIP_MEAN, CLIP_STD, TrainCfg, recipe_to_dict
+from rclip_core.recipes import SolverCfg
 
 log = logging.getLogger(__name__)
 
-ProgressFn = Callable[[int, int, float], None]
+CHECKPOINT_NAME = "checkpoint.pt"
+METRICS_NAME = "metrics.jsonl"
 
-# Prompt for region accuracy; the same single template ``rclip embed`` uses by default.
-PROMPT = "a photo of a {}."
-
-
-def _tokenizer() -> Callable[[list[str]], Tensor]:
-    import open_clip
-
-    # Every CLIP ResNet, the tiny one included, uses OpenAI's BPE vocabulary; "RN50" selects it without a download.
-    return open_clip.get_tokenizer("RN50")
+ComputeLosses = Callable[[nn.Module, list], dict[str, Tensor]]
 
 
-def _param_groups(clip: nn.Module, cfg: TrainCfg) -> list[dict]:
-    """AdamW groups: image tower at ``cfg.lr``, text tower (and logit scale) at ``cfg.lr * cfg.text_lr_scale``.
-
-    Only matrices and conv kernels are decayed; biases, norms, embeddings and the logit scale are not (CLIP).
-    """
-    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
-    for name, p in clip.named_parameters():
-        if not p.requires_grad:
-            continue
-        visual = name.startswith("visual.")
-        decay = p.ndim >= 2 and "embedding" not in name and "logit_scale" not in name
-        groups.setdefault((visual, decay), []).append(p)
-    return [{"params": ps, "lr": cfg.lr * (1.0 if visual else cfg.text_lr_scale),
-             "weight_decay": cfg.weight_decay if decay else 0.0} for (visual, decay), ps in groups.items()]
+# ---------------------------------------------------------------------------------------------------------------
+# schedule and sampling
 
 
-def _lr_lambda(cfg: TrainCfg) -> Callable[[int], float]:
-    """Linear warm-up to 1, then cosine decay to ``cfg.min_lr_ratio`` at ``cfg.steps``."""
-    warmup = max(0, min(cfg.warmup_steps, cfg.steps - 1))
+def lr_factor(cfg: SolverCfg) -> Callable[[int], float]:
+    """Multiplier of ``cfg.lr`` after ``step`` optimizer steps: linear warm-up from ``warmup_factor`` to 1 over
+    ``warmup_steps``, times ``lr_gamma`` per passed ``lr_steps`` milestone (``multistep``, detectron2's
+    WarmupMultiStepLR) or a cosine from 1 to ``min_lr_ratio`` at ``steps`` (``cosine``)."""
+    milestones = sorted(cfg.lr_steps)
 
     def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        progress = min(1.0, (step - warmup) / max(1, cfg.steps - warmup))
-        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        warm = 1.0
+        if step < cfg.warmup_steps:
+            alpha = step / cfg.warmup_steps
+            warm = cfg.warmup_factor * (1 - alpha) + alpha
+        if cfg.schedule == "cosine":
+            progress = min(1.0, step / max(1, cfg.steps))
+            decay = cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        else:
+            decay = cfg.lr_gamma ** bisect.bisect_right(milestones, step)
+        return warm * decay
 
     return f
 
 
-def _batch_indices(n: int, batch_size: int, seed: int, start_step: int) -> Iterator[tuple[int, Tensor]]:
-    """Yield ``(epoch, indices)`` for steps ``start_step, start_step + 1, ...`` forever.
+def sample_seed(seed: int, step: int, position: int) -> int:
+    """The augmentation seed of the sample at ``position`` in the global batch of ``step``: the same however many
+    processes share the batch, and however often the step is replayed."""
+    return int(np.random.SeedSequence([seed, step, position]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
-    Each epoch is a fresh permutation seeded by ``(seed, epoch)`` with the last incomplete batch dropped, so the
-    batch of any step can be recomputed; that is what makes resuming exact.
+
+class StepSampler:
+    """Batch sampler: for steps ``start_step + 1 .. steps``, this rank's share of the global batch, as
+    ``(index, sample_seed)`` keys.
+
+    Each epoch is a permutation seeded by ``(seed, epoch)`` with the last incomplete batch dropped (with fewer items
+    than a batch, the permutation repeats to fill one). Rank r of N takes the r-th of N equal slices of every global
+    batch, so N processes see exactly the batches one process would.
     """
-    per_epoch = max(1, n // batch_size)
-    step = start_step
-    while True:
-        epoch, offset = divmod(step, per_epoch)
-        g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-        order = torch.randperm(n, generator=g)
-        for b in range(offset, per_epoch):
-            yield epoch, order[b * batch_size:(b + 1) * batch_size]
-            step += 1
+
+    def __init__(self, num_items: int, *, global_batch: int, steps: int, seed: int, start_step: int = 0,
+                 rank: int = 0, world_size: int = 1) -> None:
+        if num_items < 1:
+            raise RclipError("the training set is empty")
+        if global_batch < world_size or global_batch % world_size:
+            raise RclipError(f"batch_size {global_batch} must be a multiple of the number of processes "
+                             f"({world_size})")
+        self.n, self.batch, self.steps, self.seed = num_items, global_batch, steps, seed
+        self.start_step, self.rank, self.world = start_step, rank, world_size
+
+    def __len__(self) -> int:
+        return max(0, self.steps - self.start_step)
+
+    def global_batch(self, step: int) -> list[int]:
+        """Dataset indices of the whole batch of ``step`` (1-based)."""
+        per_epoch = max(1, self.n // self.batch)
+        epoch, offset = divmod(step - 1, per_epoch)
+        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))
+        order = order.repeat(-(-self.batch // self.n))
+        return order[offset * self.batch:(offset + 1) * self.batch].tolist()
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        local = self.batch // self.world
+        for step in range(self.start_step + 1, self.steps + 1):
+            idx = self.global_batch(step)
+            first = self.rank * local
+            yield [(idx[p], sample_seed(self.seed, step, p)) for p in range(first, first + local)]
 
 
-def reset_residual_scales(clip: nn.Module) -> int:
-    """Set the last norm scale of every residual block of a ``ModifiedResNet`` (``bn3.weight``) to 1.
-
-    open_clip initialises them to zero so each block starts as the identity, which suits long runs; in a run of a few
-    hundred steps from random weights the residual branches then stay nearly silent (their gradients are scaled by
-    the zero), and the trunk learns shapes several times slower. Returns how many scales were reset.
-    """
-    n = 0
-    with torch.no_grad():
-        # Only the bottlenecks of layer1..4: the stem also has a ``bn3``, which is not a residual scale.
-        for layer in (clip.visual.layer1, clip.visual.layer2, clip.visual.layer3, clip.visual.layer4):
-            for name, p in layer.named_parameters():
-                if name.endswith("bn3.weight"):
-                    p.fill_(1.0)
-                    n += 1
-    return n
-
-
-def random_global_boxes(n: int, height: int, width: int, min_scale: float, generator: torch.Generator) -> Tensor:
-    """(n, 4) ``xyxy`` random boxes inside a ``height`` × ``width`` image, each side a uniform fraction in
-    ``[min_scale, 1]`` of the image side (aspect ratio kept) at a uniform position; ``min_scale`` 1 gives the full box.
-    """
-    frac = min_scale + (1 - min_scale) * torch.rand(n, generator=generator)  # (n,)
-    bw, bh = frac * width, frac * height
-    x0 = torch.rand(n, generator=generator) * (width - bw)
-    y0 = torch.rand(n, generator=generator) * (height - bh)
-    return torch.stack([x0, y0, x0 + bw, y0 + bh], dim=1)  # (n, 4)
-
-
-def _same_caption(captions: list[str]) -> Tensor:
-    """(B, B) bool: caption ``i`` and caption ``j`` are the same text."""
-    ids = {c: k for k, c in enumerate(dict.fromkeys(captions))}
-    codes = torch.tensor([ids[c] for c in captions])
-    return codes[:, None] == codes[None, :]
-
-
-def _temperature(clip: nn.Module, cfg: TrainCfg) -> Tensor | float:
-    if cfg.learn_temperature:
-        # open_clip keeps log(1 / temperature); clamp at 100 (temperature 0.01) as CLIP does.
-        return 1.0 / clip.logit_scale.clamp(max=math.log(100)).exp()
-    return cfg.temperature
-
-
-def train_image_text(clip: nn.Module, encoder: CLIPRegionEncoder, dataset: CaptionDataset, cfg: TrainCfg, *,
-                     device: str | torch.device = "cpu", progress: ProgressFn | None = None,
-                     checkpoint_path: str | os.PathLike | None = None,
-                     resume_from: str | os.PathLike | None = None) -> dict:
-    """Train ``clip`` (both towers) with the image-text contrastive loss on ``dataset``.
-
-    Args:
-        clip: an open_clip ``CLIP``; trained in place and returned to eval mode.
-        encoder: region encoder over ``clip.visual``; images are encoded with :meth:`CLIPRegionEncoder.encode_image`.
-        dataset: caption pairs returning caption strings (tokenised here with open_clip's tokenizer).
-        cfg: steps, batch size, optimizer, schedule, temperature, seed.
-        device: where to train.
-        progress: called as ``progress(step, total, loss)`` after every step (``step`` counts from 1).
-        checkpoint_path: when given, a checkpoint (model, optimizer, scheduler, step, recipe) is written there every
-            ``cfg.checkpoint_every`` steps and at the end.
-        resume_from: a checkpoint written by this function; training continues at its step, with its optimizer and
-            scheduler state and the same batch order.
-
-    Returns:
-        History: ``{"step": [int], "loss": [float], "lr": [float], "start_step": int, "seconds": float}``.
-    """
-    if encoder.visual is not clip.visual:
-        raise ValueError("encoder must wrap clip.visual (build it with build_region_encoder(clip, ...))")
-    if cfg.batch_size < 2:
-        raise RclipError(f"train.batch_size must be at least 2 for a contrastive loss, got {cfg.batch_size}")
-    if len(dataset) < cfg.batch_size:
-        raise RclipError(f"training set has {len(dataset)} images, fewer than train.batch_size={cfg.batch_size}")
-    torch.manual_seed(cfg.seed)
-    tokenize = _tokenizer()
-    clip.to(device).train()
-    optimizer = torch.optim.AdamW(_param_groups(clip, cfg), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))
-    start_step = 0
-    if resume_from is not None:
-        start_step = _resume(resume_from, clip, optimizer, scheduler)
-        log.info("resumed from %s at step %d", resume_from, start_step)
-    if start_step == 0:
-        if cfg.scratch_init:
-            reset_residual_scales(clip)
-        if cfg.learn_temperature:
-            with torch.no_grad():
-                clip.logit_scale.fill_(math.log(1.0 / cfg.temperature))
-    clip.logit_scale.requires_grad_(cfg.learn_temperature)
-
-    history: dict = {"step": [], "loss": [], "lr": [], "start_step": start_step}
-    t0 = time.perf_counter()
-    batches = _batch_indices(len(dataset), cfg.batch_size, cfg.seed, start_step)
-    lr_at = _lr_lambda(cfg)
-    for step in range(start_step, cfg.steps):
-        epoch, idx = next(batches)
-        dataset.set_epoch(epoch)
-        items = [dataset[int(i)] for i in idx]
-        images = torch.stack([im for im, _ in items]).to(device)  # (B, 3, S, S)
-        captions = [str(c) for _, c in items]
-        tokens = tokenize(captions).to(device)  # (B, L)
-
-        if cfg.box_min_scale < 1:
-            # Seeded per step, like the batch order, so a resumed run draws the same boxes.
-            gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-            boxes = random_global_boxes(len(idx), images.shape[2], images.shape[3], cfg.box_min_scale,
-                                        gen).to(device)  # (B, 4)
-            image_emb = encoder(images, list(boxes.unsqueeze(1)))
-        else:
-            image_emb = encoder.encode_image(images)  # (B, D)
-        positives = _same_caption(captions).to(device) if cfg.same_caption_positive else None
-        loss = image_text_contrastive(image_emb, clip.encode_text(tokens), _temperature(clip, cfg),
-                                      positives=positives)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(clip.parameters(), cfg.grad_clip)
-        history["lr"].append(cfg.lr * lr_at(step))
-        optimizer.step()
-        scheduler.step()
-
-        value = float(loss.detach())
-        history["step"].append(step + 1)
-        history["loss"].append(value)
-        if progress is not None:
-            progress(step + 1, cfg.steps, value)
-        due = step + 1 == cfg.steps or (cfg.checkpoint_every > 0 and (step + 1) % cfg.checkpoint_every == 0)
-        if checkpoint_path is not None and due:
-            save_checkpoint(checkpoint_path, clip, recipe={"train": recipe_to_dict(cfg)}, step=step + 1,
-                            optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict())
-    history["seconds"] = time.perf_counter() - t0
-    clip.eval()
-    if history["loss"]:
-        log.info("image-text training: steps %d..%d, loss %.3f → %.3f in %.1f s", start_step + 1, cfg.steps,
-                 history["loss"][0], history["loss"][-1], history["seconds"])
-    return history
-
-
-def _resume(path: str | os.PathLike, clip: nn.Module, optimizer: torch.optim.Optimizer,
-            scheduler: torch.optim.lr_scheduler.LRScheduler) -> int:
-    """Load model, optimizer and scheduler state from a training checkpoint; return its step."""
-    from rclip_core.checkpoint import check_state_dict
-
-    p = Path(path)
-    if not p.is_file():
-        raise RclipError(f"checkpoint to resume from not found: {p}")
+def default_num_workers(requested: int | None) -> int:
+    """``requested``, or one worker per available core beyond the first (at most 4): a busy 2-core machine should
+    not run four decoders beside the training process."""
+    if requested is not None:
+        return max(0, requested)
     try:
-        ckpt = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises several unrelated types for a bad file
-        raise RclipError(f"{p}: not a readable checkpoint ({str(e).splitlines()[0]})") from None
-    if not isinstance(ckpt, dict) or "optimizer" not in ckpt or "step" not in ckpt:
-        raise RclipError(f"{p}: not a training checkpoint (needs model, optimizer and step)")
-    check_state_dict(clip, ckpt["model"], str(p))
-    clip.load_state_dict(ckpt["model"], strict=True)
-    optimizer.load_state_dict(ckpt["optimizer"])
-    if "scheduler" in ckpt:
-        scheduler.load_state_dict(ckpt["scheduler"])
-    return int(ckpt["step"])
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(0, min(4, cores - 1))
 
 
-# ---------------------------------------------------------------- evaluation
+# ---------------------------------------------------------------------------------------------------------------
+# hooks and results
 
 
-@torch.no_grad()
-def encode_prompts(clip: nn.Module, class_names: Sequence[str], *, template: str = PROMPT,
-                   device: str | torch.device = "cpu") -> Tensor:
-    """(K, D) L2-normalised text embeddings of ``template.format(name)`` for each class name."""
-    tokens = _tokenizer()([template.format(n) for n in class_names]).to(device)
-    return F.normalize(clip.encode_text(tokens).float(), dim=-1)
+@dataclass
+class StepInfo:
+    """What hooks see after each step (losses averaged over ranks)."""
+
+    step: int
+    total: int
+    start_step: int
+    losses: dict[str, float]
+    lr: float
+    seconds: float  # since this run (or resumption) started
+
+    @property
+    def eta_seconds(self) -> float | None:
+        done = self.step - self.start_step
+        return self.seconds / done * (self.total - self.step) if done > 0 else None
 
 
-@torch.no_grad()
-def region_accuracy(clip: nn.Module, encoder: CLIPRegionEncoder, instances_json: str | os.PathLike,
-                    images_dir: str | os.PathLike, class_names: Sequence[str] | None = None, *,
-                    image_size: int | None = None, device: str | torch.device = "cpu",
-                    batch_size: int = 32) -> dict:
-    """Zero-shot classification accuracy of GT boxes: cosine argmax of region vs prompt embeddings.
+class Hook(Protocol):
+    def after_step(self, info: StepInfo) -> None: ...
 
-    Each GT box of ``instances_json`` is embedded with ``encoder(images, boxes_per_image)`` (images CLIP-normalised,
-    resized to ``image_size`` with boxes scaled alike), each class name as ``"a photo of a {name}."`` with
-    ``clip.encode_text``, and the predicted class is the most similar prompt among ``class_names``.
+
+@dataclass
+class TrainResult:
+    start_step: int
+    step: int
+    total: int
+    history: list[dict] = field(default_factory=list)  # this run's metrics lines
+    seconds: float = 0.0
+
+    @property
+    def finished(self) -> bool:
+        return self.step >= self.total
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during training: the checkpoint of the last finished step was written."""
+
+    def __init__(self, step: int, path: Path | None) -> None:
+        super().__init__(f"interrupted after step {step}" + (f"; checkpoint {path}" if path else ""))
+        self.step, self.path = step, path
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the loop
+
+
+def build_optimizer(groups: Sequence[dict], cfg: SolverCfg) -> torch.optim.Optimizer:
+    """SGD with momentum or AdamW over parameter groups ``{"params", "lr_scale"?, "weight_decay"?}``."""
+    param_groups = [{"params": [p for p in g["params"] if p.requires_grad],
+                     "lr": cfg.lr * float(g.get("lr_scale", 1.0)),
+                     "weight_decay": float(g.get("weight_decay", cfg.weight_decay))} for g in groups]
+    param_groups = [g for g in param_groups if g["params"]]
+    if not param_groups:
+        raise RclipError("nothing to train: every parameter is frozen")
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(param_groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if len(cfg.betas) != 2:
+        raise RclipError(f"betas must be two numbers, got {cfg.betas}")
+    return torch.optim.AdamW(param_groups, lr=cfg.lr, betas=(cfg.betas[0], cfg.betas[1]), eps=cfg.eps,
+                             weight_decay=cfg.weight_decay)
+
+
+def check_solver(cfg: SolverCfg, section: str) -> None:
+    """Reject values the loop cannot run with, naming the recipe key and the valid range."""
+    problems = []
+    if cfg.steps < 1:
+        problems.append(f"{section}.steps must be at least 1, got {cfg.steps}")
+    if cfg.batch_size < 1:
+        problems.append(f"{section}.batch_size must be at least 1, got {cfg.batch_size}")
+    if not cfg.lr > 0 or not math.isfinite(cfg.lr):
+        problems.append(f"{section}.lr must be a positive number, got {cfg.lr}")
+    if cfg.warmup_steps < 0 or not 0 < cfg.warmup_factor <= 1:
+        problems.append(f"{section}.warmup_steps must be >= 0 and warmup_factor in (0, 1]")
+    if cfg.grad_clip < 0 or cfg.weight_decay < 0 or cfg.checkpoint_every < 0:
+        problems.append(f"{section}.grad_clip, weight_decay and checkpoint_every must be >= 0")
+    if problems:
+        raise RclipError("; ".join(problems))
+
+
+def _autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
+    if amp == "off":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=dtype)
+    if amp == "bf16":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def resolve_amp(amp: str, device: torch.device) -> str:
+    """The AMP mode that applies on ``device``: fp16 needs CUDA; one WARNING line says so when it falls back."""
+    if amp == "fp16" and device.type != "cuda":
+        log.warning("amp fp16 needs a CUDA device; training in fp32 on %s", device)
+        return "off"
+    if amp == "bf16" and device.type == "cpu" and not torch.backends.mkldnn.is_available():
+        log.warning("amp bf16 is not supported by this CPU build of torch; training in fp32")
+        return "off"
+    return amp
+
+
+class _StopFlag:
+    """SIGINT → finish the step in progress, write the checkpoint, stop. A second Ctrl-C stops at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+
+    def __enter__(self) -> _StopFlag:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        log.warning("Ctrl-C: stopping after this step (again to stop at once)")
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def _rng_state(device: torch.device) -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _truncate_metrics(path: Path, step: int) -> list[dict]:
+    """Keep the lines of steps up to ``step`` (a resumed run rewrites the rest); return them."""
+    if not path.is_file():
+        return []
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        with contextlib.suppress(json.JSONDecodeError):
+            rec = json.loads(line)
+            if isinstance(rec, dict) and int(rec.get("step", 0)) <= step:
+                kept.append(rec)
+    from rclip_core.io import write_text
+
+    write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
+    return kept
+
+
+def train(model: nn.Module, compute_losses: ComputeLosses, dataset: Dataset, cfg: SolverCfg, *,
+          out_dir: str | os.PathLike | None, recipe: dict, resume: bool = False, section: str = "train",
+          device: str | torch.device = "cpu", param_groups: Sequence[dict] | None = None,
+          checkpoint_module: nn.Module | None = None, checkpoint_extra: dict | None = None,
+          hooks: Sequence[Hook] = (), collate_fn: Callable = collate_list) -> TrainResult:
+    """Train ``model`` in place for ``cfg.steps`` steps.
 
     Args:
-        clip, encoder: the model (put in eval mode here).
-        instances_json: COCO instances; categories may carry ``"split": "base"|"novel"``.
-        images_dir: folder of the images.
-        class_names: candidate names, in any order; default all categories of the file. Boxes whose category is not
-            among them are skipped.
-        image_size: square side to resize images to; None keeps the stored size.
-        device: where to run.
-        batch_size: images per forward pass.
+        model: the stage's model; ``compute_losses`` calls it (through DDP under torchrun).
+        compute_losses: ``(model, batch) -> {"loss_name": 0-dim tensor}``; the engine sums them. A pure function of
+            the model's outputs and the batch (a list of dataset items).
+        dataset: indexed by ``(index, sample_seed)`` keys (:class:`StepSampler`).
+        cfg: the solver (any :class:`rclip_core.recipes.SolverCfg`).
+        out_dir: where ``checkpoint.pt`` and ``metrics.jsonl`` go (None: nothing is written).
+        recipe: the full resolved recipe, stored in every checkpoint.
+        resume: continue ``out_dir/checkpoint.pt`` (model, optimizer, scheduler, random states, step).
+        section: the recipe section of ``cfg``, for messages (``rpn.train``, ``pretrain``).
+        device: where to train.
+        param_groups: ``[{"params": [...], "lr_scale"?: float, "weight_decay"?: float}]``; default: every
+            trainable parameter of ``model`` in one group.
+        checkpoint_module: the module whose state dict is the checkpoint's ``model`` (default ``model``), e.g. the
+            student CLIP without the frozen teacher, so the checkpoint is an ordinary CLIP checkpoint.
+        checkpoint_extra: more top-level entries for checkpoints (e.g. a text-tower fingerprint).
+        hooks: objects with ``after_step(StepInfo)``, called on rank 0.
+        collate_fn: batch assembly (default: a list of items).
 
     Returns:
-        ``{"accuracy": float, "num_boxes": int, "chance": 1/K, "per_split": {split: {"accuracy", "num_boxes"}},
-        "per_class": {name: {"accuracy", "num_boxes"}}}`` (a split or class appears when it has boxes).
+        :class:`TrainResult` (steps done, this run's metrics, seconds).
+
+    Raises:
+        RclipError: a non-finite loss (naming the step and loss), an unusable checkpoint on resume.
+        Interrupted: Ctrl-C; the checkpoint of the last finished step was written.
     """
-    data = read_json(instances_json, what="instances file")
-    cats = {int(c["id"]): c for c in data.get("categories", [])}
-    names = list(class_names) if class_names is not None else [c["name"] for c in cats.values()]
-    if not names:
-        raise RclipError(f"{instances_json}: no categories to classify")
-    name_to_k = {n: k for k, n in enumerate(names)}
-    boxes_by_image: dict[int, list[tuple[list[float], int, str]]] = {}
-    for a in data["annotations"]:
-        cat = cats.get(int(a["category_id"]))
-        if cat is None or cat["name"] not in name_to_k:
-            continue
-        boxes_by_image.setdefault(int(a["image_id"]), []).append(
-            (a["bbox"], name_to_k[cat["name"]], cat.get("split", "all")))
-    images = [im for im in data["images"] if int(im["id"]) in boxes_by_image]
+    check_solver(cfg, section)
+    dev = torch.device(device)
+    info = D.get_info()
+    out = Path(out_dir) if out_dir is not None else None
+    ckpt_path = out / CHECKPOINT_NAME if out is not None else None
+    metrics_path = out / METRICS_NAME if out is not None else None
+    save_module = checkpoint_module if checkpoint_module is not None else model
+    amp = resolve_amp(cfg.amp, dev)
 
-    clip.to(device).eval()
-    text = encode_prompts(clip, names, device=device)  # (K, D)
-    gt, pred, splits = [], [], []
-    for i in range(0, len(images), batch_size):
-        chunk = images[i:i + batch_size]
-        batch, boxes_per_image = [], []
-        for im in chunk:
-            pixels = load_image(Path(images_dir) / im["file_name"], image_size)  # (3, S, S)
-            sx = pixels.shape[2] / float(im.get("width", pixels.shape[2]))
-            sy = pixels.shape[1] / float(im.get("height", pixels.shape[1]))
-            batch.append(normalize_image(pixels, CLIP_MEAN, CLIP_STD))
-            entries = boxes_by_image[int(im["id"])]
-            xywh = torch.tensor([e[0] for e in entries], dtype=torch.float32)  # (R_i, 4)
-            boxes_per_image.append(torch.stack([xywh[:, 0] * sx, xywh[:, 1] * sy, (xywh[:, 0] + xywh[:, 2]) * sx,
-                                                (xywh[:, 1] + xywh[:, 3]) * sy], dim=1))  # (R_i, 4) xyxy
-            gt += [e[1] for e in entries]
-            splits += [e[2] for e in entries]
-        regions = F.normalize(encoder(torch.stack(batch).to(device), boxes_per_image).float(), dim=-1)  # (R, D)
-        pred += (regions @ text.t()).argmax(dim=1).tolist()
+    model.to(dev)
+    D.sync_batch_norm(model, dev)
+    groups = list(param_groups) if param_groups is not None else [{"params": list(model.parameters())}]
+    optimizer = build_optimizer(groups, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg))
+    scaler = torch.amp.GradScaler("cuda", enabled=amp == "fp16")
+    start_step, rng_states = 0, None
+    if resume:
+        if ckpt_path is None or not ckpt_path.is_file():
+            raise RclipError(f"nothing to resume: {ckpt_path} does not exist")
+        ckpt = load_checkpoint(ckpt_path, module=save_module, training=True)
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        if "scaler" in ckpt:
+            scaler.load_state_dict(ckpt["scaler"])
+        start_step = int(ckpt["step"])
+        states = ckpt.get("rng") or []
+        rng_states = states[info.rank] if len(states) == info.world_size else None
+        if states and rng_states is None:
+            log.warning("%s was written by %d processes, this run has %d: random states start afresh",
+                        ckpt_path, len(states), info.world_size)
+        log.info("resuming at step %d of %d from %s", start_step, cfg.steps, ckpt_path)
+    history = _truncate_metrics(metrics_path, start_step) if (metrics_path and info.is_main and resume) else []
+    if metrics_path is not None and info.is_main and not resume and metrics_path.exists():
+        metrics_path.unlink()  # a fresh run (the caller checked --force)
+    this_run: list[dict] = []
 
-    def summary(mask: list[bool]) -> dict:
-        n = sum(mask)
-        hits = sum(1 for m, g, p in zip(mask, gt, pred, strict=True) if m and g == p)
-        return {"accuracy": hits / n if n else float("nan"), "num_boxes": n}
+    ddp_model = D.wrap_ddp(model, dev)
+    sampler = StepSampler(len(dataset), global_batch=cfg.batch_size, steps=cfg.steps, seed=cfg.seed,
+                          start_step=start_step, rank=info.rank, world_size=info.world_size)
+    workers = default_num_workers(cfg.num_workers)
+    # Its own generator: creating the loader's iterator must not draw from the global state a resume restores.
+    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=workers, collate_fn=collate_fn,
+                        persistent_workers=False, multiprocessing_context="fork" if workers else None,
+                        generator=torch.Generator().manual_seed(cfg.seed))
+    params = [p for g in optimizer.param_groups for p in g["params"]]
 
-    result = summary([True] * len(gt))
-    result["chance"] = 1.0 / len(names)
-    result["per_split"] = {s: summary([x == s for x in splits]) for s in sorted(set(splits))}
-    result["per_class"] = {n: summary([g == k for g in gt]) for k, n in enumerate(names) if k in set(gt)}
-    return result
+    def save(step: int) -> None:
+        states = D.gather_objects(_rng_state(dev))  # every rank takes part
+        if ckpt_path is None or not info.is_main:
+            return
+        extra = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": states,
+                 "finished": step >= cfg.steps, **({"scaler": scaler.state_dict()} if amp == "fp16" else {}),
+                 **(checkpoint_extra or {})}
+        save_checkpoint(ckpt_path, save_module, recipe=recipe, step=step, **extra)
+
+    step = start_step
+    start = time.perf_counter()
+    if out is not None and info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    # Appended line by line (flushed), so a crash keeps every finished step's record.
+    metrics_file = open(metrics_path, "a", encoding="utf-8") if (metrics_path and info.is_main) else None  # noqa: SIM115
+    try:
+        with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []), _StopFlag() as stop:
+            torch.manual_seed(cfg.seed * 1009 + info.rank)  # per rank; the caller's random state is restored after
+            if rng_states is not None:
+                _set_rng_state(rng_states, dev)
+            ddp_model.train()
+            for step, batch in enumerate(loader, start=start_step + 1):
+                lr = optimizer.param_groups[0]["lr"] / float(groups[0].get("lr_scale", 1.0))
+                try:
+                    with _autocast(dev, amp):
+                        losses = compute_losses(ddp_model, batch)
+                except FloatingPointError as e:  # e.g. an RPN predicting non-finite boxes
+                    raise RclipError(f"step {step}: {e}; training diverged; lower {section}.lr or lengthen "
+                                     f"{section}.warmup_steps") from None
+                if not losses:
+                    raise ValueError("compute_losses returned no loss")
+                total = sum(losses.values())
+                # A small all-reduce: the losses for the log and a non-finite flag, so every rank stops together.
+                values = torch.stack([v.detach().float() for v in losses.values()] + [total.detach().float()])
+                flag = torch.tensor([float(not torch.isfinite(values).all())])
+                reduced = D.all_reduce_sum(torch.cat([values.cpu(), flag]))
+                n = len(losses) + 1
+                mean = (reduced[:n] / info.world_size).tolist()
+                if reduced[n] > 0:
+                    shown = ", ".join(f"{k}={v:.4g}" for k, v in zip(losses, mean))
+                    raise RclipError(f"step {step}: the loss is not finite ({shown}): training diverged; lower "
+                                     f"{section}.lr or lengthen {section}.warmup_steps")
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(total).backward()
+                if cfg.grad_clip > 0:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                scaler.step(optimizer)
+                scaler.update()
+                scheduler.step()
+
+                record = {"step": step, "lr": lr, "loss": mean[-1], **dict(zip(losses, mean[:-1])),
+                          "seconds": round(time.perf_counter() - start, 3)}
+                this_run.append(record)
+                if metrics_file is not None:
+                    metrics_file.write(json.dumps(record) + "\n")
+                    metrics_file.flush()
+                if info.is_main:
+                    info_step = StepInfo(step=step, total=cfg.steps, start_step=start_step,
+                                         losses={k: v for k, v in record.items() if k.startswith("loss")}, lr=lr,
+                                         seconds=record["seconds"])
+                    for hook in hooks:
+                        hook.after_step(info_step)
+                # Ctrl-C seen by any rank during this step: all save it and stop.
+                interrupted = bool(D.all_reduce_sum(torch.tensor([float(stop.requested)]))[0] > 0)
+                if step == cfg.steps or interrupted or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
+                    save(step)
+                if interrupted:
+                    raise Interrupted(step, ckpt_path)
+    finally:
+        if metrics_file is not None:
+            metrics_file.close()
+    model.eval()
+    return TrainResult(start_step=start_step, step=step, total=cfg.steps, history=history + this_run,
+                       seconds=time.perf_counter() - start)

@@ -43,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from rclip_core.data.categories import COCO_OVD_BASE, COCO_OVD_NOVEL
+from rclip_core.data.categories import split_ids
 from rclip_core.errors import RclipError
 from rclip_core.io import read_json
 
@@ -111,22 +111,6 @@ def detect_format(gt: Any, *, source: str = "ground truth") -> str:
     if not isinstance(cats, list):
         raise RclipError(f"{source} lacks key 'categories' (a list)")
     return "lvis" if any(isinstance(c, dict) and "frequency" in c for c in cats) else "coco"
-
-
-def coco_ovd_splits(categories: Sequence[dict]) -> dict[str, list[int]]:
-    """Category ids of the open-vocabulary splits present in a COCO-format category list.
-
-    An explicit ``"split"`` field on the categories wins; otherwise the COCO 48 base / 17 novel classes are found by
-    name. Returns ``{"novel": [...], "base": [...], "all": [...]}``, or ``{}`` when no category belongs to a split.
-    """
-    if any("split" in c for c in categories):
-        split_of = {c["id"]: c.get("split") for c in categories}
-    else:
-        by_name = {**{n: "base" for n in COCO_OVD_BASE}, **{n: "novel" for n in COCO_OVD_NOVEL}}
-        split_of = {c["id"]: by_name.get(str(c["name"]).strip().lower()) for c in categories}
-    novel = sorted(i for i, s in split_of.items() if s == "novel")
-    base = sorted(i for i, s in split_of.items() if s == "base")
-    return {"novel": novel, "base": base, "all": sorted(novel + base)} if novel or base else {}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -249,7 +233,7 @@ def _evaluate_coco(gt: dict, dets: list[dict]) -> dict[str, Any]:
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
-    splits = coco_ovd_splits(gt["categories"])
+    splits = split_ids(gt["categories"])
     split_keys = tuple(f"AP50_{s}" for s in splits)
     sizes = {s: len(ids) for s, ids in splits.items()}
     log.info("COCO box evaluation: %d images, %d categories, %d detections",
@@ -293,8 +277,8 @@ def _evaluate_lvis(gt: dict, dets: list[dict]) -> dict[str, Any]:
         def _load_json(self, path: str) -> dict:
             return self._parsed
 
-    rare = sorted(c["id"] for c in gt["categories"] if c["frequency"] == "r")
-    base = sorted(c["id"] for c in gt["categories"] if c["frequency"] != "r")
+    splits = split_ids(gt["categories"])  # LVIS: rare = novel, common + frequent = base
+    rare, base = splits["novel"], splits["base"]
     sizes = {"rare": len(rare), "base": len(base)}
     log.info("LVIS box evaluation: %d images, %d categories, %d detections",
              len(gt["images"]), len(gt["categories"]), len(dets))
@@ -352,7 +336,7 @@ def evaluate_proposals(gt: Any, proposals: Any, *, gt_source: str = "ground trut
 
     Args:
         gt: a COCO/LVIS instances dict. Splits: LVIS frequency (novel = rare, base = common + frequent), else
-            :func:`coco_ovd_splits` (a ``split`` field or COCO's 48/17 names).
+            a ``split`` field or COCO's 48/17 names (``data.categories.category_splits``).
         proposals: a list (or ``{"proposals": [...]}``) of ``{"image_id", "boxes" (xyxy), "objectness"}``.
         limits: proposals per image to evaluate at.
 
@@ -364,20 +348,17 @@ def evaluate_proposals(gt: Any, proposals: Any, *, gt_source: str = "ground trut
     import torch
     from torchvision.ops import box_iou
 
+    from rclip_core.boxes import xywh_to_xyxy
+
     fmt = detect_format(gt, source=gt_source)
     _check_gt(gt, fmt, gt_source)
     by_image = _proposals_by_image(proposals, proposals_source)
-    if fmt == "lvis":
-        groups = {"novel": {c["id"] for c in gt["categories"] if c["frequency"] == "r"},
-                  "base": {c["id"] for c in gt["categories"] if c["frequency"] != "r"}}
-    else:
-        groups = {k: set(v) for k, v in coco_ovd_splits(gt["categories"]).items() if k != "all"}
+    groups = {k: set(v) for k, v in split_ids(gt["categories"]).items() if k != "all"}
     gt_boxes: dict[Any, list[tuple[list[float], Any]]] = {img["id"]: [] for img in gt["images"]}
     for a in gt["annotations"]:
         if a.get("iscrowd", 0) or a["image_id"] not in gt_boxes:
             continue
-        x, y, w, h = (float(v) for v in a["bbox"])
-        gt_boxes[a["image_id"]].append(([x, y, x + w, y + h], a["category_id"]))
+        gt_boxes[a["image_id"]].append(([float(v) for v in a["bbox"]], a["category_id"]))  # xywh as in the file
 
     limits = sorted(int(k) for k in limits)
     names = ["all", *groups]
@@ -386,7 +367,7 @@ def evaluate_proposals(gt: Any, proposals: Any, *, gt_source: str = "ground trut
     for image_id, items in gt_boxes.items():
         if not items:
             continue
-        boxes = torch.tensor([b for b, _ in items], dtype=torch.float32)  # (G, 4)
+        boxes = xywh_to_xyxy(torch.tensor([b for b, _ in items], dtype=torch.float32))  # (G, 4)
         cats = [c for _, c in items]
         props = by_image.get(image_id, torch.zeros((0, 4)))  # (P, 4), best first
         ious = box_iou(props[: limits[-1]], boxes)  # (P, G)
@@ -464,4 +445,50 @@ def _proposals_by_image(proposals: Any, source: str) -> dict[Any, Any]:
         if item["image_id"] in out:
             raise RclipError(f"{where}: image_id {item['image_id']!r} appears twice")
         out[item["image_id"]] = boxes[scores.argsort(descending=True, stable=True)]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# GT-box classification accuracy of zero-shot results
+
+
+def gt_box_accuracy(gt: dict, dets: list[dict]) -> dict[str, Any]:
+    """How often the best-scoring class of each ground-truth box is its true category, from the COCO results that
+    ``rclip zeroshot --gt-boxes`` writes (each detection's box is one of the GT boxes, in original pixels).
+
+    A box whose every detection was suppressed (class-specific NMS, the per-image cap) counts as wrong. Boxes are
+    matched by coordinates rounded as the results are (3 decimals).
+
+    Returns:
+        ``{"accuracy", "num_boxes", "chance": 1 / categories, "per_split": {"base"|"novel": {"accuracy",
+        "num_boxes"}}, "per_class": {name: {...}}}``; accuracies are fractions (NaN for an empty group).
+    """
+    from rclip_core.data.categories import category_splits
+
+    def key(image_id: Any, bbox: Sequence[float]) -> tuple:
+        return (image_id, *(round(float(v), 3) for v in bbox))
+
+    best: dict[tuple, tuple[float, int]] = {}
+    for d in dets:
+        k = key(d["image_id"], d["bbox"])
+        if k not in best or d["score"] > best[k][0]:
+            best[k] = (float(d["score"]), int(d["category_id"]))
+    splits = category_splits(gt["categories"])
+    names = {int(c["id"]): c["name"] for c in gt["categories"]}
+    rows = []  # (true id, hit)
+    for a in gt["annotations"]:
+        if a.get("iscrowd", 0):
+            continue
+        hit = best.get(key(a["image_id"], a["bbox"]), (0.0, -1))[1] == int(a["category_id"])
+        rows.append((int(a["category_id"]), hit))
+
+    def summary(selected: list[bool]) -> dict:
+        n = len(selected)
+        return {"accuracy": sum(selected) / n if n else float("nan"), "num_boxes": n}
+
+    out = summary([h for _, h in rows])
+    out["chance"] = 1.0 / max(1, len(gt["categories"]))
+    out["per_split"] = {s: summary([h for c, h in rows if splits.get(c) == s]) for s in ("base", "novel")
+                        if any(splits.get(c) == s for c, _ in rows)}
+    out["per_class"] = {names[c]: summary([h for cc, h in rows if cc == c]) for c in sorted({c for c, _ in rows})}
     return out

@@ -1,45 +1,51 @@
-"""Running a :class:`ZeroShotDetector` over a dataset: batching, unreadable images, rescaling to the original image
-and COCO results records (``image_id, category_id, bbox xywh, score``)."""
+"""Running a :class:`~rclip_core.detector.RegionDetector` over a dataset: batching, unreadable images, rescaling to
+the original image and COCO results records (``image_id, category_id, bbox xywh, score``)."""
 
 from __future__ import annotations
 
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from rclip_core import boxes as B
 from rclip_core.data.coco import collate_list
-from rclip_core.data.transforms import pad_batch
-from rclip_core.detector import ZeroShotDetector
+from rclip_core.detector import RegionDetector
 from rclip_core.errors import RclipError
+from rclip_core.summary import RunSummary
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class InferenceSummary:
-    images: int = 0
-    images_skipped: list[str] = field(default_factory=list)  # one line per unreadable image
-    skipped_ids: list[int] = field(default_factory=list)
-    images_without_regions: int = 0
-    images_without_detections: int = 0
-    regions: int = 0
-    detections: int = 0
-    seconds: float = 0.0
+def iterate_images(dataset: Dataset, summary: RunSummary, *, batch_size: int = 1, num_workers: int = 0,
+                   strict: bool = False, progress: Callable[[int], None] | None = None):
+    """Yield lists of readable dataset items, batch by batch; unreadable ones are logged, counted in ``summary``
+    (or raise with ``strict``). ``progress`` gets the number of images done after each batch."""
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_list)
+    done = 0
+    for batch in loader:
+        done += len(batch)
+        ok = []
+        for item in batch:
+            if item["error"] is None:
+                ok.append(item)
+            elif strict:
+                raise RclipError(item["error"])
+            else:
+                log.warning("skipped: %s", item["error"])
+                summary.skip(item["image_id"], item["error"])
+        if ok:
+            yield ok
+        if progress is not None:
+            progress(done)
 
-    def to_dict(self) -> dict:
-        d = dict(self.__dict__)
-        d["images_per_second"] = round(self.images / self.seconds, 3) if self.seconds else None
-        return d
 
-
-def run_detection(detector: ZeroShotDetector, dataset: Dataset, *, category_ids: list[int], batch_size: int = 1,
+def run_detection(detector: RegionDetector, dataset: Dataset, *, category_ids: list[int], batch_size: int = 1,
                   num_workers: int = 0, device: str | torch.device = "cpu", strict: bool = False,
-                  progress: Callable[[int], None] | None = None) -> tuple[list[dict], InferenceSummary]:
-    """Detect on every image of a :class:`rclip_core.data.coco.RegionDataset`.
+                  progress: Callable[[int], None] | None = None) -> tuple[list[dict], RunSummary]:
+    """Detect on every image of a :class:`rclip_core.data.coco.DetectionDataset`.
 
     Args:
         category_ids: the dataset category id of each classifier row (K).
@@ -51,52 +57,32 @@ def run_detection(detector: ZeroShotDetector, dataset: Dataset, *, category_ids:
     """
     if len(category_ids) != detector.classifier.num_classes:
         raise ValueError("one category id per class embedding is needed")
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_list)
     detector.eval().to(device)
     results: list[dict] = []
-    summary = InferenceSummary()
+    summary = RunSummary()
     start = time.perf_counter()
-    done = 0
-    for batch in loader:
-        done += len(batch)
-        ok = []
-        for item in batch:
-            if item["error"] is not None:
-                if strict:
-                    raise RclipError(item["error"])
-                log.warning("skipped: %s", item["error"])
-                summary.images_skipped.append(item["error"])
-                summary.skipped_ids.append(item["image_id"])
-            elif item["boxes"].shape[0] == 0:
-                summary.images_without_regions += 1
-                summary.images += 1
-            else:
-                ok.append(item)
-        if ok:
-            images = pad_batch([it["image"] for it in ok]).to(device)
-            boxes = [it["boxes"].to(device) for it in ok]
-            obj = [it["objectness"].to(device) for it in ok] if ok[0]["objectness"] is not None else None
-            dets = detector(images, boxes, obj)
-            for it, det in zip(ok, dets):
-                summary.images += 1
-                summary.regions += int(it["boxes"].shape[0])
-                summary.detections += int(det["scores"].shape[0])
-                summary.images_without_detections += int(det["scores"].shape[0] == 0)
-                results.extend(to_coco_results(it["image_id"], det, it["scale"], category_ids))
-        if progress is not None:
-            progress(done)
+    for batch in iterate_images(dataset, summary, batch_size=batch_size, num_workers=num_workers, strict=strict,
+                                progress=progress):
+        dets = detector.detect(batch)
+        for item, det in zip(batch, dets):
+            regions = det["num_regions"]
+            summary.images += 1
+            summary.regions += regions
+            summary.images_without_regions += int(regions == 0)
+            summary.detections += int(det["scores"].shape[0])
+            summary.images_without_detections += int(det["scores"].shape[0] == 0)
+            results.extend(to_coco_results(item["image_id"], det, item["scale"], category_ids))
     summary.seconds = time.perf_counter() - start
     return results, summary
 
 
 def to_coco_results(image_id: int, det: dict, scale: tuple[float, float], category_ids: list[int]) -> list[dict]:
     """Detections in resized-image pixels → COCO results records in original-image pixels (``xywh``)."""
-    sx, sy = scale
-    boxes = det["boxes"].detach().cpu().double() / torch.tensor([sx, sy, sx, sy], dtype=torch.float64)
+    xywh = B.xyxy_to_xywh(B.unscale_boxes(det["boxes"], *scale))
     out = []
-    for (x1, y1, x2, y2), s, lab in zip(boxes.tolist(), det["scores"].tolist(), det["labels"].tolist()):
+    for (x, y, w, h), s, lab in zip(xywh.tolist(), det["scores"].tolist(), det["labels"].tolist()):
         out.append({"image_id": image_id, "category_id": category_ids[lab],
-                    "bbox": [round(x1, 3), round(y1, 3), round(x2 - x1, 3), round(y2 - y1, 3)], "score": round(s, 6)})
+                    "bbox": [round(x, 3), round(y, 3), round(w, 3), round(h, 3)], "score": round(s, 6)})
     return out
 
 

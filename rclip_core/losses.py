@@ -54,3 +54,50 @@ def image_text_contrastive(image_emb: Tensor, text_emb: Tensor, temperature: flo
     rows = torch.logsumexp(logits, dim=1) - torch.logsumexp(masked, dim=1)  # (B,) image → text
     cols = torch.logsumexp(logits, dim=0) - torch.logsumexp(masked, dim=0)  # (B,) text → image
     return 0.5 * (rows.mean() + cols.mean())
+
+
+def region_distillation(student_logits: Tensor, teacher_probs: Tensor) -> Tensor:
+    """KL(teacher ‖ student) over the concept pool, averaged over regions (RegionCLIP's ``loss_region_distill``:
+    ``F.kl_div(log p_student, p_teacher, reduction="batchmean")``).
+
+    Args:
+        student_logits: (R, K) the student's cosine similarities to the concepts / τ.
+        teacher_probs: (R, K) the teacher's softmax over the same concepts (rows sum to 1).
+
+    Returns:
+        0-dim loss; for R = 0 a zero still connected to ``student_logits``.
+    """
+    if student_logits.shape != teacher_probs.shape:
+        raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher probabilities "
+                         f"{tuple(teacher_probs.shape)} differ in shape")
+    if student_logits.shape[0] == 0:
+        return student_logits.sum() * 0.0
+    return F.kl_div(F.log_softmax(student_logits, dim=1), teacher_probs, reduction="batchmean")
+
+
+def concept_contrastive(region_emb: Tensor, target_emb: Tensor, target_ids: Tensor, temperature: float) -> Tensor:
+    """Region-concept contrastive loss (RegionCLIP's ``loss_concept_contrastive``, MIL cross-entropy).
+
+    Row ``i`` is region ``i``; column ``j`` is the pseudo concept of region ``j`` (so an [R, R] matrix of the
+    regions of one process, not gathered). Every column whose concept equals region ``i``'s is a positive; the loss
+    of a row is ``-log`` of the *summed* softmax probability of its positives, averaged over rows (region → text
+    only, as the original).
+
+    Args:
+        region_emb: (R, D) student region embeddings (normalised here).
+        target_emb: (R, D) the concept embedding of each region's pseudo label (normalised here).
+        target_ids: (R,) the pseudo label's concept index.
+        temperature: τ.
+
+    Returns:
+        0-dim loss; for R = 0 a zero still connected to ``region_emb``.
+    """
+    r = region_emb.shape[0]
+    if target_emb.shape[0] != r or target_ids.shape != (r,):
+        raise ValueError("one target embedding and one concept id per region are needed")
+    if r == 0:
+        return region_emb.sum() * 0.0
+    logits = F.normalize(region_emb, dim=-1) @ F.normalize(target_emb, dim=-1).t() / temperature  # (R, R)
+    positives = target_ids[:, None] == target_ids[None, :]  # (R, R), holds the diagonal
+    masked = logits.masked_fill(~positives, float("-inf"))
+    return (torch.logsumexp(logits, dim=1) - torch.logsumexp(masked, dim=1)).mean()

@@ -82,39 +82,39 @@ class ZeroShotCfg:
 
 
 @dataclass
-class TrainCfg:
-    """The demo's short image-text contrastive training (full pretraining recipes come with the pretrain stage).
+class SolverCfg:
+    """The training engine's settings (``rclip_core.engine``), shared by every training stage; each stage's section
+    extends this class with its own defaults and adds its own fields.
 
-    Defaults are tuned for the tiny CLIP on the toy world: about two minutes on 2 CPU cores.
+    The schedule multiplies ``lr`` by a linear warm-up from ``warmup_factor`` to 1 over ``warmup_steps``, then either
+    by ``lr_gamma`` at each of ``lr_steps`` (``multistep``, detectron2's WarmupMultiStepLR) or by a cosine from 1 to
+    ``min_lr_ratio`` at ``steps`` (``cosine``).
     """
 
-    steps: int = 300
-    batch_size: int = 32
-    lr: float = 5e-4
-    # The text tower's learning rate is lr * text_lr_scale (4: measured best on the toy world, seeds 0-3).
-    text_lr_scale: float = 4.0
+    steps: int = 1000
+    # Images per step over all processes (each of N torchrun processes takes batch_size / N).
+    batch_size: int = 16
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: float = 0.02
+    momentum: float = 0.9  # sgd
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adamw
+    eps: float = 1e-8  # adamw
     weight_decay: float = 1e-4
-    warmup_steps: int = 20
-    # The cosine schedule ends at lr * min_lr_ratio.
-    min_lr_ratio: float = 0.05
-    grad_clip: float = 1.0
-    # Softmax temperature of the image-text loss; with learn_temperature it is only the starting value.
-    temperature: float = 0.07
-    learn_temperature: bool = False
-    # Count a caption that appears twice in a batch as a match for both images, not as a negative (toy-world
-    # captions repeat often; see losses.image_text_contrastive).
-    same_caption_positive: bool = False
-    image_size: int = 128
-    # The image side of a training pair is a random box covering this fraction of each side or more (1 = always the
-    # whole image, the original's global box). Sub-image boxes make the region path see object-sized regions, which
-    # roughly doubled held-out GT-box accuracy on the toy world.
-    box_min_scale: float = 0.4
-    # The model starts from random weights: give residual blocks a unit output scale instead of open_clip's zero
-    # (engine.reset_residual_scales), which speeds up a short run several times. Turn off for pretrained weights.
-    scratch_init: bool = True
+    schedule: Literal["multistep", "cosine"] = "multistep"
+    warmup_steps: int = 1000
+    warmup_factor: float = 0.001
+    lr_steps: list[int] = field(default_factory=list)
+    lr_gamma: float = 0.1
+    min_lr_ratio: float = 0.0
+    # Clip the gradient norm to this (0 = off).
+    grad_clip: float = 0.0
+    # Mixed precision: bf16 or fp16 autocast on CUDA (bf16 also on CPUs that support it); off = fp32.
+    amp: Literal["off", "bf16", "fp16"] = "off"
     seed: int = 0
-    # Write the checkpoint every N steps (and at the end) when a checkpoint path is given; 0 = only at the end.
-    checkpoint_every: int = 100
+    # Write OUT/checkpoint.pt every N steps (and at the end, and on Ctrl-C); 0 = only then.
+    checkpoint_every: int = 1000
+    # DataLoader worker processes; null = one per available core beyond the first, at most 4.
+    num_workers: int | None = None
 
 
 @dataclass
@@ -133,32 +133,23 @@ DETECTRON2_MEAN = [103.53, 116.28, 123.675]
 
 
 @dataclass
-class RpnTrainCfg:
+class RpnTrainCfg(SolverCfg):
     """Training the RPN on base-category boxes (detectron2's Base-RCNN solver, as the original's RPNs were trained:
     configs/Base-RCNN-{C4,FPN}.yaml, regionclip_facts.md §1.2): SGD with momentum, linear warm-up, step decay."""
 
     steps: int = 90000  # SOLVER.MAX_ITER
     batch_size: int = 16  # SOLVER.IMS_PER_BATCH
     lr: float = 0.02  # SOLVER.BASE_LR
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    warmup_steps: int = 1000
-    # The warm-up starts at lr * warmup_factor and rises linearly to lr.
-    warmup_factor: float = 0.001
-    # The learning rate is multiplied by lr_gamma at each of these steps.
     lr_steps: list[int] = field(default_factory=lambda: [60000, 80000])
-    lr_gamma: float = 0.1
+    checkpoint_every: int = 5000
     # Shorter side drawn per image from this list (INPUT.MIN_SIZE_TRAIN), longer side at most max_size.
     min_sizes: list[int] = field(default_factory=lambda: [640, 672, 704, 736, 768, 800])
     max_size: int = 1333
     hflip: bool = True
-    # "base": drop novel categories ("split": "novel", LVIS frequency "r", COCO's 17) and images left without boxes.
+    # "base": drop novel categories (data.categories.category_splits) and images left without boxes.
     categories: Literal["base", "all"] = "base"
     # Frozen stages: 1 = stem, 2 = stem + res2 (BACKBONE.FREEZE_AT); 0 trains everything.
     freeze_at: int = 2
-    seed: int = 0
-    checkpoint_every: int = 5000
-    num_workers: int = 4
 
 
 @dataclass
@@ -210,6 +201,69 @@ class RpnCfg:
 
 
 @dataclass
+class PretrainCfg(SolverCfg):
+    """Region-text pretraining (RegionCLIP §3.2-3.3; regionclip_facts.md §2 "Pretraining", §4), on the engine.
+
+    Defaults are the paper's RN50 recipe (configs/pretrain/RegionCLIP_RN50.yaml): SGD, lr 0.002, 96 images per step,
+    600k steps decayed at 300k and 525k, 1000 warm-up steps from 0.001, gradient norm clipped at 5.0; 100 of the
+    RPN's top 300 proposals (NMS 0.5) per image; τ = 0.01; concept threshold 0.1; the three losses weighted 1.
+
+    With ``concepts`` null there is no teacher and no region loss: only the image-text loss, which with
+    ``train_text`` also trains the text tower (how the toy world's teacher is trained from scratch, as CLIP is).
+    """
+
+    steps: int = 600000
+    batch_size: int = 96
+    lr: float = 0.002
+    lr_steps: list[int] = field(default_factory=lambda: [300000, 525000])
+    grad_clip: float = 5.0
+    checkpoint_every: int = 5000
+    # --- data: image-caption pairs (rclip_core.data.captions): a CC3M-style .tsv (caption, image path), .jsonl, or a
+    # COCO captions .json (the toy world writes one); image paths are relative to `images`.
+    captions: str | None = None
+    images: str | None = None
+    # Training resize: shorter side drawn from min_sizes, longer side at most max_size (the original's
+    # INPUT.MIN_SIZE_TRAIN); no flip (captions may say "left of").
+    min_sizes: list[int] = field(default_factory=lambda: [640, 672, 704, 736, 768, 800])
+    max_size: int = 1333
+    # --- teacher and concept pool (an `rclip embed` file of the teacher's text tower); null = no region losses.
+    concepts: str | None = None
+    # Teacher weights; null = model.weights (the student and the teacher start from the same CLIP, as the original).
+    teacher: str | None = None
+    # --- regions: "rpn" (an RPN checkpoint from `rclip rpn train/convert`) or "random" boxes (the original's RANDOM).
+    regions: Literal["rpn", "random"] = "rpn"
+    rpn: str | None = None
+    rpn_nms_thresh: float = 0.5  # OFFLINE_RPN_NMS_THRESH
+    rpn_topk: int = 300  # PRETRAIN_RPN_REGIONS
+    regions_per_image: int = 100  # PRETRAIN_SAMPLE_REGIONS: drawn at random from the RPN's top boxes
+    # --- losses (pure functions in rclip_core.losses); a weight of 0 turns a loss off.
+    temperature: float = 0.01  # MATCHING_TEMP / CLSS_TEMP of the student's losses
+    teacher_temperature: float = 0.01  # the pseudo-label softmax
+    concept_thresh: float = 0.1  # CONCEPT_THRES
+    loss_region_distill: float = 1.0
+    loss_concept_contrastive: float = 1.0
+    loss_image_text: float = 1.0
+    # Gradient of the all-gathered image-text features: "all" reaches every rank's own features (the original's
+    # differentiable gather), "local" only this rank's rows.
+    gather_grad: Literal["all", "local"] = "all"
+    # --- what trains: the student visual encoder above res2 (freeze_at 2), batch norm frozen (FrozenBN); the text
+    # tower only with train_text (learning rate lr * text_lr_scale).
+    freeze_at: int = 2
+    frozen_bn: bool = True
+    train_text: bool = False
+    text_lr_scale: float = 1.0
+    learn_temperature: bool = False
+    # Count a caption that appears twice in a batch as a match for both images (toy-world captions repeat).
+    same_caption_positive: bool = False
+    # The image side of the image-text loss is the whole-image box (1.0, the original's global proposal) or a
+    # random box covering at least this fraction of each side.
+    global_box_min_scale: float = 1.0
+    # From random weights: give residual blocks a unit output scale (engine-independent init; see
+    # rclip_core.pretrain.reset_residual_scales). Only for scratch training.
+    scratch_init: bool = False
+
+
+@dataclass
 class Recipe:
     """All sections; each stage reads the ones it needs."""
 
@@ -217,7 +271,7 @@ class Recipe:
     input: InputCfg = field(default_factory=InputCfg)
     text: TextCfg = field(default_factory=TextCfg)
     zeroshot: ZeroShotCfg = field(default_factory=ZeroShotCfg)
-    train: TrainCfg = field(default_factory=TrainCfg)
+    pretrain: PretrainCfg = field(default_factory=PretrainCfg)
     toyworld: ToyWorldCfg = field(default_factory=ToyWorldCfg)
     rpn: RpnCfg = field(default_factory=RpnCfg)
 
@@ -356,9 +410,7 @@ def load_recipe(path: str | os.PathLike | None = None, overrides: list[str] | tu
     """
     data: dict = {}
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise RclipError(f"recipe not found: {p}")
+        p = resolve_recipe_path(path)
         try:
             data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as e:
@@ -368,11 +420,34 @@ def load_recipe(path: str | os.PathLike | None = None, overrides: list[str] | tu
         if not isinstance(data, dict):
             raise RclipError(f"{p}: a recipe must be a YAML mapping, got {type(data).__name__}")
     if base:
-        data = merge_recipe_dicts(base, data)
+        # A stored recipe may come from an older rclip with a section since renamed: keep the sections that exist.
+        known = _field_types(cls)
+        data = merge_recipe_dicts({k: v for k, v in base.items() if k in known}, data)
     try:
         return recipe_from_dict(apply_overrides(data, overrides, cls), cls)
     except RclipError as e:
         raise RclipError(f"{path}: {e}" if path else str(e)) from None
+
+
+RECIPE_DIR = Path(__file__).parent / "data" / "recipes"
+
+
+def shipped_recipes() -> list[str]:
+    """Names of the recipes shipped with rclip (``rclip_core/data/recipes/*.yaml``)."""
+    return sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
+
+
+def resolve_recipe_path(path: str | os.PathLike) -> Path:
+    """A recipe file: an existing path, else the shipped recipe of that name (with or without ``.yaml``, with or
+    without a leading ``recipes/``), so ``--recipe zeroshot_rn50_coco_gt`` works outside the repository."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    shipped = RECIPE_DIR / (p.name if p.suffix in (".yaml", ".yml") else p.name + ".yaml")
+    if shipped.is_file():
+        return shipped
+    raise RclipError(f"recipe not found: {p} (neither a file nor a shipped recipe; shipped: "
+                     f"{', '.join(shipped_recipes())})")
 
 
 def save_recipe(recipe: Any, path: str | os.PathLike, *, force: bool = True) -> Path:

@@ -139,13 +139,10 @@ def load_embeddings(path: str | os.PathLike, *, dim: int | None = None, fingerpr
     A fingerprint mismatch means the embeddings came from another text tower: the scores would be meaningless,
     so it is an error (re-embed, or import the file with :func:`import_bare` to state you accept it).
     """
+    from rclip_core.checkpoint import read_torch_file
+
     p = Path(path)
-    if not p.is_file():
-        raise RclipError(f"embedding file not found: {p}")
-    try:
-        obj = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise RclipError(f"{p}: not a readable embedding file ({str(e).splitlines()[0]})") from None
+    obj = read_torch_file(p, what="embedding file")
     if isinstance(obj, Tensor):
         raise RclipError(f"{p}: a bare [K, D] tensor (original RegionCLIP format); convert it first with "
                          "`rclip embed --import-bare FILE --names NAMES.txt`")
@@ -174,13 +171,10 @@ def export_bare(emb: Embeddings, path: str | os.PathLike, *, force: bool = False
 
 def import_bare(path: str | os.PathLike, names: list[str]) -> Embeddings:
     """Read an original-release ``[K, D]`` tensor (e.g. ``coco_65_cls_emb.pth``) and attach ``names`` (K)."""
+    from rclip_core.checkpoint import read_torch_file
+
     p = Path(path)
-    if not p.is_file():
-        raise RclipError(f"embedding file not found: {p}")
-    try:
-        t = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise RclipError(f"{p}: not a readable tensor file ({str(e).splitlines()[0]})") from None
+    t = read_torch_file(p, what="embedding file")
     if isinstance(t, Tensor) and t.ndim == 1:  # the original squeezes a single concept to 1-D
         t = t[None]
     if not isinstance(t, Tensor) or t.ndim != 2:

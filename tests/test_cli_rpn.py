@@ -4,7 +4,6 @@ generated toy world; then the proposals file feeds ``rclip zeroshot --proposals`
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,7 +14,7 @@ from rclip_core.data.toyworld import generate_toyworld
 from rclip_core.recipes import load_recipe
 from rclip_core.rpn import build_rpn, load_rpn, to_detectron2_state_dict
 
-TOY_RECIPE = str(Path(__file__).parent.parent / "recipes" / "rpn_r10c4_toyworld_base.yaml")
+TOY_RECIPE = "rpn_r10c4_toyworld_base"  # a shipped recipe, by name
 
 
 def run(*args: str):
@@ -48,10 +47,11 @@ def trained(world, tmp_path_factory):
 
 def test_train_writes_checkpoint_recipe_history_and_resumes(world, trained):
     ckpt = torch.load(trained / "checkpoint.pt", weights_only=True)
-    assert ckpt["step"] == 3 and {"optimizer", "scheduler", "rng", "history"} <= set(ckpt)
+    assert ckpt["step"] == 3 and {"optimizer", "scheduler", "rng", "finished"} <= set(ckpt)
     assert ckpt["recipe"]["rpn"]["layout"] == "c4" and ckpt["recipe"]["rpn"]["train"]["batch_size"] == 4
     assert load_recipe(trained / "recipe.yaml").rpn.depth == 10
-    assert len(json.loads((trained / "history.json").read_text())["loss"]) == 3
+    lines = [json.loads(x) for x in (trained / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [1, 2, 3] and all("loss_rpn_cls" in r for r in lines)
 
     base = ["rpn", "train", "--train-ann", world["train"], "--images", world["images"], "--out", trained]
     one_line_error(run(*base, "--recipe", TOY_RECIPE), "checkpoint.pt already exists", "--resume", "--force")
@@ -158,7 +158,7 @@ def test_propose_bad_checkpoints_are_one_line(world, tmp_path, trained):
     one_line_error(run(*base, "--checkpoint", clip_ckpt), "not an rclip RPN checkpoint")
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"\x00\x01garbage")
-    one_line_error(run(*base, "--checkpoint", garbage), "not a readable checkpoint")
+    one_line_error(run(*base, "--checkpoint", garbage), "not a readable RPN checkpoint (not a PyTorch file)")
     one_line_error(run(*base, "--checkpoint", trained / "checkpoint.pt", "--set", "rpn.layout=fpn"),
                    "rpn.anchor_sizes: the fpn layout has 5 levels")
     fpn = ["--set", "rpn.layout=fpn", "--set", "rpn.anchor_sizes=[8,16,32,64,128]"]

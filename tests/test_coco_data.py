@@ -5,8 +5,14 @@ import pytest
 import torch
 from PIL import Image
 
-from rclip_core.data.coco import BoxStats, RegionDataset, attach_proposals, images_in_folder, load_detection_annotations
-from rclip_core.data.transforms import pad_batch, read_image, resize_shortest_edge, shortest_edge_size
+from rclip_core.data.coco import (
+    BoxStats,
+    DetectionDataset,
+    attach_proposals,
+    images_in_folder,
+    load_detection_annotations,
+)
+from rclip_core.data.transforms import ImageNormalizer, pad_batch, read_image, resize_shortest_edge, shortest_edge_size
 from rclip_core.errors import RclipError
 
 
@@ -83,18 +89,51 @@ def test_read_image_modes_and_errors(tmp_path):
 
 
 def test_dataset_scales_boxes_and_flags_bad_images(tmp_path):
-    Image.fromarray(np.zeros((80, 100, 3), np.uint8)).save(tmp_path / "a.png")
+    Image.fromarray(np.full((80, 100, 3), 200, np.uint8)).save(tmp_path / "a.png")
     recs, _, _ = load_detection_annotations(_ann(tmp_path))
-    ds = RegionDataset(recs, tmp_path, min_size=160, max_size=1000, pixel_mean=[0.5] * 3, pixel_std=[0.5] * 3)
+    ds = DetectionDataset(recs, tmp_path, min_sizes=160, max_size=1000)
     item = ds[0]
-    assert item["image"].shape == (3, 160, 200) and item["scale"] == (2.0, 2.0)
+    assert item["image"].shape == (3, 160, 200) and item["image"].dtype == torch.uint8 and item["scale"] == (2.0, 2.0)
     assert item["boxes"].tolist() == [[20, 40, 80, 120], [180, 140, 200, 160]]
-    assert torch.allclose(item["image"], torch.full_like(item["image"], -1.0))
+    assert item["labels"].tolist() == [3, 3] and item["proposals"] is None
+    assert int(item["image"].min()) == int(item["image"].max()) == 200  # uint8 pixels, normalised by the model
     recs[0].file_name = "missing.png"
     assert "image not found" in ds[0]["error"]
 
 
-def test_proposals_are_attached_clipped_and_topk(tmp_path):
+def test_training_keys_draw_size_and_flip_from_the_sample_seed(tmp_path):
+    Image.fromarray(np.zeros((80, 100, 3), np.uint8)).save(tmp_path / "a.png")
+    recs, _, _ = load_detection_annotations(_ann(tmp_path))
+    ds = DetectionDataset(recs, tmp_path, min_sizes=[40, 80], max_size=1000, hflip=True)
+    seen = {(ds[(0, s)]["image"].shape[1], ds[(0, s)]["flipped"]) for s in range(40)}
+    assert seen == {(40, False), (40, True), (80, False), (80, True)}
+    a, b = ds[(0, 7)], ds[(0, 7)]
+    assert torch.equal(a["image"], b["image"]) and torch.equal(a["boxes"], b["boxes"])  # replayable
+    flipped = next(ds[(0, s)] for s in range(40) if ds[(0, s)]["flipped"] and ds[(0, s)]["image"].shape[1] == 80)
+    assert flipped["boxes"].tolist()[0] == [100 - 40, 20, 100 - 10, 60]
+
+
+def test_too_small_images_are_skipped_like_unreadable_ones(tmp_path):
+    Image.fromarray(np.zeros((5, 1000, 3), np.uint8)).save(tmp_path / "a.png")
+    recs, _, _ = load_detection_annotations(_ann(tmp_path, images=[{"id": 1, "file_name": "a.png"}]))
+    item = DetectionDataset(recs, tmp_path, min_sizes=800, max_size=1333)[0]
+    assert item["image"] is None and "too small" in item["error"]
+
+
+def test_normalizer_is_clip_rgb_order_and_pads_batches():
+    norm = ImageNormalizer([0.1, 0.2, 0.3], [0.5, 0.25, 0.125], pixel_scale=255.0, size_divisibility=32)
+    red = torch.zeros(3, 4, 6, dtype=torch.uint8)
+    red[0] = 255
+    out = norm([red])
+    assert out.tensors.shape == (1, 3, 4, 6)  # one image stays unpadded
+    assert torch.allclose(out.tensors[0, :, 0, 0], torch.tensor([(1 - 0.1) / 0.5, -0.2 / 0.25, -0.3 / 0.125]))
+    bgr = ImageNormalizer([103.53, 116.28, 123.675], [1.0, 1.0, 1.0], pixel_scale=1.0, bgr=True)
+    assert torch.allclose(bgr([red]).tensors[0, :, 0, 0], torch.tensor([-103.53, -116.28, 255 - 123.675]))
+    two = norm([red, torch.zeros(3, 40, 3, dtype=torch.uint8)])
+    assert two.tensors.shape == (2, 3, 64, 32) and two.image_sizes == [(4, 6), (40, 3)]
+
+
+def test_proposals_are_attached_clipped_and_resized(tmp_path):
     Image.fromarray(np.zeros((80, 100, 3), np.uint8)).save(tmp_path / "a.png")
     recs, _, _ = load_detection_annotations(_ann(tmp_path))
     props = [{"image_id": 1, "boxes": [[0, 0, 10, 10], [5, 5, 200, 60], [3, 3, 3, 9]], "objectness": [0.1, 2.0, 5.0]},
@@ -102,9 +141,9 @@ def test_proposals_are_attached_clipped_and_topk(tmp_path):
     stats = BoxStats()
     attach_proposals(recs, _write(tmp_path, props), stats)
     assert recs[0].proposals.tolist() == [[0, 0, 10, 10], [5, 5, 100, 60]] and stats.dropped == 1
-    ds = RegionDataset(recs, tmp_path, min_size=80, max_size=1000, pixel_mean=[0] * 3, pixel_std=[1] * 3,
-                       use_proposals=True, num_proposals=1)
-    assert ds[0]["boxes"].tolist() == [[5, 5, 100, 60]] and ds[0]["objectness"].tolist() == [2.0]
+    item = DetectionDataset(recs, tmp_path, min_sizes=160, max_size=1000)[0]
+    assert item["proposals"].tolist() == [[0, 0, 20, 20], [10, 10, 200, 120]]
+    assert item["objectness"].tolist() == pytest.approx([0.1, 2.0])
     with pytest.raises(RclipError, match="2 boxes but 1 objectness"):
         attach_proposals(recs, _write(tmp_path, [{"image_id": 1, "boxes": [[0, 0, 1, 1]] * 2, "objectness": [1]}]),
                          stats)
@@ -118,6 +157,8 @@ def test_folder_listing_and_padding(tmp_path):
         images_in_folder(_empty(tmp_path))
     batch = pad_batch([torch.ones(3, 10, 20), torch.ones(3, 33, 5)])
     assert batch.shape == (2, 3, 64, 32) and batch[0, :, 10:].abs().sum() == 0
+    assert pad_batch([torch.ones(3, 10, 20)]).shape == (1, 3, 10, 20)
+    assert pad_batch([torch.ones(3, 10, 20)], 32, pad_single=True).shape == (1, 3, 32, 32)
 
 
 def _empty(tmp_path):

@@ -2,9 +2,7 @@ import math
 
 import torch
 
-from rclip_core.classifier import CosineClassifier
-from rclip_core.clip_backbone import build_region_encoder
-from rclip_core.detector import ZeroShotDetector, fuse_scores, postprocess
+from rclip_core.detector import GivenBoxes, build_region_detector, fuse_scores, postprocess
 
 
 def test_postprocess_is_class_specific_nms_with_threshold_and_topk():
@@ -45,17 +43,43 @@ def test_score_fusion_modes():
     assert torch.equal(fuse_scores(p, torch.tensor([3.0]), "none"), p)
 
 
+def _detector(clip, text, **zeroshot):
+    from rclip_core.recipes import load_recipe
+
+    recipe = load_recipe(None, ["model.variant=tiny"] + [f"zeroshot.{k}={v}" for k, v in zeroshot.items()])
+    return build_region_detector(clip, text, recipe, GivenBoxes("boxes"))
+
+
 def test_detector_returns_given_boxes_with_classifier_labels(tiny_clip):
-    enc = build_region_encoder(tiny_clip, "tiny")
-    text = torch.randn(4, enc.out_dim)
-    det = ZeroShotDetector(enc, CosineClassifier(text), score_thresh=0.0, nms_thresh=0.5, max_dets=1)
-    images = torch.randn(2, 3, 128, 160)
-    boxes = [torch.tensor([[4.0, 4.0, 60.0, 70.0]]), torch.zeros(0, 4)]
-    out = det(images, boxes)
-    assert len(out) == 2 and out[1]["boxes"].shape == (0, 4)
-    probs = det.region_probs(images, boxes)[0]
-    assert out[0]["labels"].item() == probs.argmax().item()
-    assert torch.equal(out[0]["boxes"], boxes[0])
-    # objectness fusion changes scores, not labels
-    fused = det(images, boxes, [torch.tensor([0.25]), torch.zeros(0)])
-    assert torch.allclose(fused[0]["scores"], torch.sqrt(out[0]["scores"] * 0.25))
+    text = torch.randn(4, 32)
+    det = _detector(tiny_clip, text, score_thresh=0.0, max_dets=1)
+    g = torch.Generator().manual_seed(0)
+    images = [torch.randint(0, 256, (3, 128, 160), generator=g, dtype=torch.uint8) for _ in range(2)]
+    batch = [{"image": images[0], "boxes": torch.tensor([[4.0, 4.0, 60.0, 70.0]])},
+             {"image": images[1], "boxes": torch.zeros(0, 4)}]
+    out = det.detect(batch)
+    assert len(out) == 2 and out[1]["boxes"].shape == (0, 4) and out[1]["num_regions"] == 0
+    raw = det(batch)
+    probs = det.region_probs(raw)[0]
+    assert raw.class_logits.shape == (1, 5)  # K + background
+    assert out[0]["labels"].item() == probs.argmax().item() and out[0]["num_regions"] == 1
+    assert torch.equal(out[0]["boxes"], batch[0]["boxes"])
+    # one image alone gives the same probabilities as in a padded batch of two (the padding is right/bottom)
+    alone = det.region_probs(det(batch[:1]))[0]
+    assert torch.allclose(alone, probs, atol=1e-5)
+
+
+def test_given_proposals_keep_the_top_objectness_and_fuse_it(tiny_clip):
+    from rclip_core.recipes import load_recipe
+
+    recipe = load_recipe(None, ["model.variant=tiny", "zeroshot.score_thresh=0.0", "zeroshot.score_fusion=sigmoid"])
+    det = build_region_detector(tiny_clip, torch.randn(3, 32), recipe, GivenBoxes("proposals", topk=1))
+    image = torch.full((3, 96, 96), 90, dtype=torch.uint8)
+    boxes = torch.tensor([[0.0, 0.0, 40.0, 40.0], [30.0, 30.0, 90.0, 90.0]])
+    out = det.detect([{"image": image, "proposals": boxes, "objectness": torch.tensor([-1.0, 2.0])}])[0]
+    assert out["num_regions"] == 1 and torch.equal(out["boxes"][0], boxes[1])
+    plain = build_region_detector(tiny_clip, det.classifier.class_embeddings, load_recipe(
+        None, ["model.variant=tiny", "zeroshot.score_thresh=0.0"]), GivenBoxes("boxes"))
+    p = plain.detect([{"image": image, "boxes": boxes[1:]}])[0]
+    assert torch.allclose(out["scores"].sort().values, torch.sqrt(p["scores"] * torch.sigmoid(torch.tensor(2.0))
+                                                                  ).sort().values, atol=1e-6)

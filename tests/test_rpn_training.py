@@ -5,21 +5,18 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
-from rclip_core.data.coco import load_detection_annotations
+from rclip_core.data.coco import DetectionDataset, load_detection_annotations
 from rclip_core.data.toyworld import generate_toyworld
-from rclip_core.errors import RclipError
 from rclip_core.evaluation import evaluate_proposals
-from rclip_core.recipes import RpnTrainCfg, load_recipe, recipe_to_dict
+from rclip_core.recipes import load_recipe, recipe_to_dict
 from rclip_core.rpn import build_rpn, load_rpn, run_proposals, train_rpn
-from rclip_core.rpn.data import ProposalImages, RpnTrainDataset, StepBatches, base_category_ids, load_training_records
-from rclip_core.rpn.training import lr_factor
+from rclip_core.rpn.data import base_category_ids, load_training_records
 
-TOY_RECIPE = Path(__file__).parent.parent / "recipes" / "rpn_r10c4_toyworld_base.yaml"
+TOY_RECIPE = "rpn_r10c4_toyworld_base"
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +35,7 @@ def test_base_categories_by_split_frequency_and_coco_names():
             {"id": 3, "name": "c", "frequency": "f"}]
     assert base_category_ids(lvis)[0] == {2, 3}
     coco = [{"id": 1, "name": "person"}, {"id": 5, "name": "airplane"}, {"id": 10, "name": "traffic light"}]
-    assert base_category_ids(coco) == ({1}, "COCO's 48 base classes by name")  # novel and non-OVD classes out
+    assert base_category_ids(coco) == ({1}, "COCO's 48 base / 17 novel classes by name")  # novel, non-OVD out
     assert base_category_ids([{"id": 7, "name": "thing"}])[0] == {7}
 
 
@@ -53,33 +50,11 @@ def test_training_records_drop_novel_boxes_and_empty_images(toy):
     assert everything.boxes_dropped == 0 and len(everything.records) == len(gt["images"])
 
 
-def test_augmented_items_flip_boxes_with_the_image(toy):
+def _train_set(toy, records=None):
     data = load_training_records(toy["train"].instances_json)
-    ds = RpnTrainDataset(data.records, toy["train"].images_dir, max_size=512)
-    plain, flipped, big = ds[(0, 128, False)], ds[(0, 128, True)], ds[(0, 256, False)]
-    assert plain["image"].dtype == torch.uint8 and plain["image"].shape == (3, 128, 128)
-    assert torch.equal(flipped["image"], plain["image"].flip(-1))
-    b, f = plain["boxes"], flipped["boxes"]
-    assert torch.allclose(f[:, [0, 2]], 128 - b[:, [2, 0]]) and torch.equal(f[:, [1, 3]], b[:, [1, 3]])
-    assert big["image"].shape == (3, 256, 256) and torch.allclose(big["boxes"], 2 * b)
-
-
-def test_step_batches_are_deterministic_and_resumable():
-    kw = {"batch_size": 4, "steps": 7, "min_sizes": [96, 128], "hflip": True, "seed": 3}
-    full = list(StepBatches(10, **kw))
-    assert len(full) == 7 and all(len(b) == 4 for b in full)
-    assert full == list(StepBatches(10, **kw)) and full[4:] == list(StepBatches(10, start_step=4, **kw))
-    assert {s for b in full for _, s, _ in b} == {96, 128} and {f for b in full for *_, f in b} == {True, False}
-    assert sorted(i for b in full[:2] for i, _, _ in b) == sorted(set(i for b in full[:2] for i, _, _ in b))
-    assert len(list(StepBatches(2, **{**kw, "steps": 3}))[0]) == 4  # fewer images than a batch: repeated
-    with pytest.raises(RclipError):
-        StepBatches(0, **kw)
-
-
-def test_schedule_warms_up_then_steps_down():
-    f = lr_factor(RpnTrainCfg(warmup_steps=10, warmup_factor=0.001, lr_steps=[20, 30], lr_gamma=0.1))
-    assert f(0) == pytest.approx(0.001) and f(5) == pytest.approx(0.5005) and f(10) == 1.0
-    assert f(19) == 1.0 and f(20) == pytest.approx(0.1) and f(30) == pytest.approx(0.01)
+    recipe = _toy_recipe()
+    return DetectionDataset(records or data.records, toy["train"].images_dir, min_sizes=recipe.rpn.train.min_sizes,
+                            max_size=recipe.rpn.train.max_size, hflip=recipe.rpn.train.hflip)
 
 
 def _toy_recipe(*overrides: str):
@@ -90,30 +65,37 @@ def test_resume_continues_exactly(toy, tmp_path):
     recipe = _toy_recipe("rpn.train.steps=4", "rpn.train.batch_size=2", "rpn.train.checkpoint_every=2",
                          "rpn.train.warmup_steps=2", "rpn.train.lr_steps=[3]")
     data = load_training_records(toy["train"].instances_json)
-    ds = RpnTrainDataset(data.records[:12], toy["train"].images_dir, max_size=256)
+    ds = _train_set(toy, data.records[:12])
 
     torch.manual_seed(0)
     straight = build_rpn(recipe.rpn)
-    train_rpn(straight, ds, recipe.rpn.train, recipe=recipe_to_dict(recipe))
+    train_rpn(straight, ds, recipe.rpn.train, recipe=recipe_to_dict(recipe), out_dir=tmp_path / "straight")
+
+    class Stop:
+        def after_step(self, info):
+            if info.step == 3:
+                raise KeyboardInterrupt
 
     torch.manual_seed(0)
     first = build_rpn(recipe.rpn)
-    half = recipe.rpn.train.__class__(**{**recipe.rpn.train.__dict__, "steps": 2})
-    ckpt = tmp_path / "checkpoint.pt"
-    train_rpn(first, ds, half, recipe=recipe_to_dict(recipe), checkpoint_path=ckpt)
+    with pytest.raises(KeyboardInterrupt):
+        train_rpn(first, ds, recipe.rpn.train, recipe=recipe_to_dict(recipe), out_dir=tmp_path / "run",
+                  hooks=[Stop()])
     torch.manual_seed(123)  # resuming restores the random state the anchor sampler draws from
     resumed = build_rpn(recipe.rpn)
-    history = train_rpn(resumed, ds, recipe.rpn.train, recipe=recipe_to_dict(recipe), checkpoint_path=ckpt,
-                        resume_from=ckpt)
-    assert history["start_step"] == 2 and history["step"] == [1, 2, 3, 4]
+    result = train_rpn(resumed, ds, recipe.rpn.train, recipe=recipe_to_dict(recipe), out_dir=tmp_path / "run",
+                       resume=True)
+    assert result.start_step == 2 and [r["step"] for r in result.history] == [1, 2, 3, 4]
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
+    ckpt = tmp_path / "run" / "checkpoint.pt"
     assert torch.equal(load_rpn(ckpt).rpn.head.cls_logits.weight, straight.rpn.head.cls_logits.weight)
 
 
 def _recall(model, recipe, toy) -> dict:
     records, _, _ = load_detection_annotations(toy["val"].instances_json)
-    ds = ProposalImages(records, toy["val"].images_dir, min_size=recipe.input.min_size, max_size=recipe.input.max_size)
+    ds = DetectionDataset(records, toy["val"].images_dir, min_sizes=recipe.input.min_size,
+                          max_size=recipe.input.max_size)
     props, summary = run_proposals(model, ds, batch_size=20)
     assert summary.images == 100
     gt = json.loads(toy["val"].instances_json.read_text())
@@ -135,9 +117,7 @@ def test_rpn_learns_on_the_toy_world(toy):
         torch.manual_seed(0)
         model = build_rpn(recipe.rpn)
         before = _recall(model, recipe, toy)
-        data = load_training_records(toy["train"].instances_json)
-        dataset = RpnTrainDataset(data.records, toy["train"].images_dir, max_size=256)
-        history = train_rpn(model, dataset, recipe.rpn.train)
+        result = train_rpn(model, _train_set(toy), recipe.rpn.train, recipe=recipe_to_dict(recipe), out_dir=None)
         after = _recall(model, recipe, toy)
     finally:
         torch.set_num_threads(threads)
@@ -145,7 +125,7 @@ def test_rpn_learns_on_the_toy_world(toy):
           f"{after['all']['R50@100']:.1f}, novel {before['novel']['R50@100']:.1f} -> {after['novel']['R50@100']:.1f}; "
           f"R50@10 all {before['all']['R50@10']:.1f} -> {after['all']['R50@10']:.1f}; "
           f"AR@100 all {before['all']['AR@100']:.1f} -> {after['all']['AR@100']:.1f}")
-    assert history["loss"][-1] < 0.2 * history["loss"][0]
+    assert result.history[-1]["loss"] < 0.2 * result.history[0]["loss"]
     for group in ("all", "base", "novel"):
         b, a = before[group], after[group]
         assert a["R50@100"] >= 80.0 and a["R50@100"] >= b["R50@100"] + 20.0, (group, b, a)

@@ -1,127 +1,227 @@
-"""Image-caption pairs from a COCO-captions JSON (``images`` + ``annotations[{image_id, caption}]``) and images.
+"""Image-caption pairs for pretraining (RegionCLIP §3.3; the original's ``CLIPImgTxtPairTSVDataset``), read by index.
 
-The input of the image-text contrastive loss (RegionCLIP §3.3): each item is one image, resized to a fixed square
-training size and normalised with the CLIP mean/std, and one of its captions. Like the original, when an image has
-several captions one is drawn at random; the draw depends on ``(seed, epoch, index)`` only, so it changes every
-epoch (call :meth:`CaptionDataset.set_epoch`) and an interrupted run resumes with the same captions.
+Sources (:func:`open_captions`), image paths relative to an image folder:
+
+- **TSV**, CC3M-style: one pair per line, ``caption<TAB>image path`` (a header line ``caption<TAB>...`` is skipped);
+- **JSONL**: one object per line, ``{"image": path, "caption": str}`` or ``{"image": path, "captions": [str, ...]}``;
+- **COCO captions JSON** (``images`` + ``annotations[{image_id, caption}]``; the toy world writes these): several
+  captions per image.
+
+TSV and JSONL files are never loaded whole: one pass records each line's byte offset (8 bytes per pair: 26 MB for
+CC3M's 3.3 M pairs) and items are read by seeking. A COCO captions file is one JSON document and is parsed once
+(COCO Captions: 118 k images, about 90 MB).
+
+:class:`CaptionDataset` items are drawn by ``(index, sample_seed)`` keys (``rclip_core.engine.StepSampler``): the
+seed picks the caption when an image has several (the original draws one at random each step) and the training
+size (shorter side from ``min_sizes``, longer at most ``max_size``). An unreadable image is replaced by the next
+readable one and counted (``"skipped"``), so every batch stays full.
 """
 
 from __future__ import annotations
 
+import json
 import logging
-from collections.abc import Callable, Sequence
+import os
 from pathlib import Path
 
 import numpy as np
-import torch
-from PIL import Image
-from torch import Tensor
+from torch.utils.data import Dataset
 
+from rclip_core.data.transforms import read_image, resize_shortest_edge, to_uint8_tensor
 from rclip_core.errors import RclipError
 from rclip_core.io import read_json
-from rclip_core.recipes import CLIP_MEAN, CLIP_STD
 
 log = logging.getLogger(__name__)
 
-
-def load_image(path: str | Path, size: int | None = None) -> Tensor:
-    """Read an image as (3, H, W) uint8 RGB, resized (bilinear) to ``size`` × ``size`` when ``size`` is given."""
-    try:
-        with Image.open(path) as im:
-            im = im.convert("RGB")
-            if size is not None and im.size != (size, size):
-                im = im.resize((size, size), Image.BILINEAR)
-            arr = np.asarray(im, dtype=np.uint8).copy()
-    except FileNotFoundError:
-        raise RclipError(f"image not found: {path}") from None
-    except OSError as e:
-        raise RclipError(f"{path}: not a readable image ({e})") from None
-    return torch.from_numpy(arr).permute(2, 0, 1)  # (3, H, W)
+# How many following pairs an unreadable image may be replaced by before the item fails.
+MAX_REPLACEMENTS = 16
 
 
-def normalize_image(image: Tensor, mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD) -> Tensor:
-    """uint8 (..., 3, H, W) → float32 normalised with per-channel ``mean``/``std`` (given for 0..1 pixel values)."""
-    m = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
-    return (image.float() / 255.0 - m) / s
+class _LineIndex:
+    """Byte offsets of the non-empty lines of a text file (a header line optionally skipped)."""
 
-
-class CaptionDataset(torch.utils.data.Dataset):
-    """COCO-captions pairs: ``dataset[i] = (image (3, S, S) float32 normalised, caption str)``.
-
-    Args:
-        captions_json: a COCO captions file; images without a caption are skipped.
-        images_dir: folder that ``images[].file_name`` is relative to.
-        image_size: training side S; images are resized (not cropped) to S × S.
-        mean, std: normalisation (CLIP's by default).
-        tokenizer: when given, captions are returned as its output for one string (e.g. open_clip's (77,) tokens).
-        seed: seeds the caption draw.
-        cache: keep decoded, resized images in memory (uint8) after their first read.
-
-    Example:
-        >>> ds = CaptionDataset("toy/captions_train.json", "toy/images", image_size=128)  # doctest: +SKIP
-        >>> image, caption = ds[0]; image.shape  # doctest: +SKIP
-        torch.Size([3, 128, 128])
-    """
-
-    def __init__(self, captions_json: str | Path, images_dir: str | Path, *, image_size: int,
-                 mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD,
-                 tokenizer: Callable[[list[str]], Tensor] | None = None, seed: int = 0, cache: bool = True) -> None:
-        data = read_json(captions_json, what="captions file")
-        if not isinstance(data, dict) or "images" not in data or "annotations" not in data:
-            raise RclipError(f"{captions_json}: not a COCO captions file (needs 'images' and 'annotations')")
-        by_image: dict[int, list[str]] = {}
-        for ann in data["annotations"]:
-            try:
-                by_image.setdefault(int(ann["image_id"]), []).append(str(ann["caption"]))
-            except (KeyError, TypeError, ValueError):
-                raise RclipError(f"{captions_json}: caption annotation without image_id/caption: {ann!r}") from None
-        self.images_dir = Path(images_dir)
-        self.files: list[str] = []
-        self.captions: list[list[str]] = []
-        for img in data["images"]:
-            caps = by_image.get(int(img["id"]))
-            if caps:
-                self.files.append(str(img["file_name"]))
-                self.captions.append(caps)
-        if not self.files:
-            raise RclipError(f"{captions_json}: no image has a caption")
-        self.image_size = image_size
-        self.mean, self.std = list(mean), list(std)
-        self.tokenizer = tokenizer
-        self.seed = seed
-        self.epoch = 0
-        self._cache: dict[int, Tensor] | None = {} if cache else None
-        log.info("captions: %d images, %d captions from %s", len(self.files), sum(map(len, self.captions)),
-                 captions_json)
-
-    def set_epoch(self, epoch: int) -> None:
-        """Choose which caption each image gets (a new draw per epoch)."""
-        self.epoch = epoch
+    def __init__(self, path: Path, *, skip_header: bool) -> None:
+        offsets = []
+        with open(path, "rb") as f:
+            pos = 0
+            first = True
+            for line in f:
+                if line.strip() and not (first and skip_header and _is_tsv_header(line)):
+                    offsets.append(pos)
+                first = False
+                pos += len(line)
+        self.path = path
+        self.offsets = np.asarray(offsets, dtype=np.int64)
 
     def __len__(self) -> int:
-        return len(self.files)
+        return len(self.offsets)
 
-    def image_uint8(self, index: int) -> Tensor:
-        """(3, S, S) uint8 image ``index``, resized to the training size."""
-        if self._cache is not None and index in self._cache:
-            return self._cache[index]
-        image = load_image(self.images_dir / self.files[index], self.image_size)
-        if self._cache is not None:
-            self._cache[index] = image
-        return image
+    def line(self, i: int) -> str:
+        with open(self.path, "rb") as f:
+            f.seek(int(self.offsets[i]))
+            return f.readline().decode("utf-8", errors="replace").rstrip("\r\n")
 
-    def caption(self, index: int) -> str:
-        """This epoch's caption of image ``index``."""
-        caps = self.captions[index]
-        if len(caps) == 1:
-            return caps[0]
-        rng = np.random.default_rng([self.seed, self.epoch, index])
-        return caps[int(rng.integers(len(caps)))]
 
-    def __getitem__(self, index: int) -> tuple[Tensor, str | Tensor]:
-        image = normalize_image(self.image_uint8(index), self.mean, self.std)
-        text = self.caption(index)
-        if self.tokenizer is not None:
-            return image, self.tokenizer([text])[0]
-        return image, text
+def _is_tsv_header(line: bytes) -> bool:
+    return line.split(b"\t", 1)[0].strip().lower() in (b"caption", b"captions", b"text")
+
+
+class CaptionSource:
+    """Image-caption pairs by index: ``len(source)``, ``source.get(i) -> (image path, [captions])``."""
+
+    def __init__(self, path: str | os.PathLike, images_dir: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self.images_dir = Path(images_dir)
+        if not self.path.is_file():
+            raise RclipError(f"caption file not found: {self.path}")
+        suffix = self.path.suffix.lower()
+        self._pairs: list[tuple[str, list[str]]] | None = None
+        self._lines: _LineIndex | None = None
+        if suffix == ".json":
+            self.kind = "coco"
+            self._pairs = _coco_pairs(self.path)
+        elif suffix in (".tsv", ".jsonl"):
+            self.kind = suffix[1:]
+            self._lines = _LineIndex(self.path, skip_header=suffix == ".tsv")
+        else:
+            raise RclipError(f"{self.path}: unknown caption file type (expected .tsv, .jsonl or a COCO captions .json)")
+        if len(self) == 0:
+            raise RclipError(f"{self.path}: no image-caption pairs (the file is empty)")
+
+    def __len__(self) -> int:
+        return len(self._pairs) if self._pairs is not None else len(self._lines)  # type: ignore[arg-type]
+
+    def get(self, i: int) -> tuple[Path, list[str]]:
+        """Image path (under ``images_dir``) and captions of pair ``i``."""
+        if self._pairs is not None:
+            name, caps = self._pairs[i]
+            return self.images_dir / name, caps
+        line = self._lines.line(i)  # type: ignore[union-attr]
+        where = f"{self.path}: pair {i + 1}"
+        if self.kind == "tsv":
+            parts = line.split("\t")
+            if len(parts) < 2 or not parts[0].strip() or not parts[1].strip():
+                raise RclipError(f"{where}: expected 'caption<TAB>image path', got {line[:80]!r}")
+            return self.images_dir / parts[1].strip(), [parts[0].strip()]
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise RclipError(f"{where}: malformed JSON ({e.msg})") from None
+        caps = obj.get("captions") if isinstance(obj, dict) else None
+        caps = caps if isinstance(caps, list) else [obj.get("caption")] if isinstance(obj, dict) else None
+        if not isinstance(obj, dict) or not obj.get("image") or not caps or not all(isinstance(c, str) for c in caps):
+            raise RclipError(f"{where}: expected {{\"image\": path, \"caption\": text}}, got {line[:80]!r}")
+        return self.images_dir / str(obj["image"]), [str(c) for c in caps]
+
+    def check_images(self, sample: int = 64) -> None:
+        """Refuse a source none of whose first ``sample`` images exists (wrong image folder, say)."""
+        n = min(sample, len(self))
+        if not any(self.get(i)[0].is_file() for i in range(n)):
+            raise RclipError(f"{self.path}: none of the first {n} images exists under {self.images_dir} "
+                             f"(e.g. {self.get(0)[0]})")
+
+
+def _coco_pairs(path: Path) -> list[tuple[str, list[str]]]:
+    data = read_json(path, what="captions file")
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list) or not isinstance(
+            data.get("annotations"), list):
+        raise RclipError(f"{path}: not a COCO captions file (needs 'images' and 'annotations' lists)")
+    by_image: dict[int, list[str]] = {}
+    for j, ann in enumerate(data["annotations"]):
+        try:
+            by_image.setdefault(int(ann["image_id"]), []).append(str(ann["caption"]))
+        except (KeyError, TypeError, ValueError):
+            raise RclipError(f"{path}: annotations[{j}] lacks image_id/caption") from None
+    pairs = []
+    for img in data["images"]:
+        caps = by_image.get(int(img["id"])) if isinstance(img, dict) and "id" in img else None
+        if caps:
+            pairs.append((str(img["file_name"]), caps))
+    return pairs
+
+
+def open_captions(path: str | os.PathLike, images_dir: str | os.PathLike) -> CaptionSource:
+    """A :class:`CaptionSource` for a ``.tsv``, ``.jsonl`` or COCO captions ``.json`` file."""
+    return CaptionSource(path, images_dir)
+
+
+class CaptionDataset(Dataset):
+    """Training items of image-caption pairs.
+
+    Each item (``dataset[(index, sample_seed)]``): ``image`` (3, H, W) uint8 resized, ``caption`` (str, drawn by the
+    seed), ``index`` (of the pair used), ``seed``, ``scale`` (sx, sy), ``orig_size`` (w, h), ``skipped`` (unreadable
+    images replaced before this one), ``proposals`` / ``objectness`` (from a :class:`ProposalCache`, resized pixels)
+    or None.
+
+    Args:
+        source: the pairs.
+        min_sizes, max_size: training resize (shorter side drawn from ``min_sizes``).
+        proposals: cached RPN proposals (original pixels), attached to each item.
+    """
+
+    def __init__(self, source: CaptionSource, *, min_sizes: list[int], max_size: int,
+                 proposals: ProposalCache | None = None) -> None:
+        if not min_sizes:
+            raise RclipError("pretrain.min_sizes must list at least one size")
+        self.source, self.min_sizes, self.max_size, self.proposals = source, list(min_sizes), max_size, proposals
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def load(self, index: int, min_size: int) -> tuple[dict | None, str | None]:
+        """One pair at shorter side ``min_size``: (item without caption choice, None) or (None, reason)."""
+        path, captions = self.source.get(index)
+        try:
+            img = read_image(path)
+        except RclipError as e:
+            return None, str(e)
+        resized = resize_shortest_edge(img, min_size, self.max_size)
+        item = {"image": to_uint8_tensor(resized), "captions": captions, "index": index,
+                "scale": (resized.width / img.width, resized.height / img.height), "orig_size": img.size,
+                "proposals": None, "objectness": None}
+        if self.proposals is not None:
+            item["proposals"], item["objectness"] = self.proposals.get(index, *item["scale"])
+        return item, None
+
+    def __getitem__(self, key: tuple[int, int]) -> dict:
+        index, seed = key if isinstance(key, tuple) else (int(key), 0)
+        rng = np.random.default_rng(seed)
+        min_size = self.min_sizes[int(rng.integers(len(self.min_sizes)))]
+        reasons = []
+        for k in range(MAX_REPLACEMENTS + 1):
+            item, reason = self.load((index + k) % len(self), min_size)
+            if item is not None:
+                caps = item.pop("captions")
+                item.update(caption=caps[int(rng.integers(len(caps)))] if len(caps) > 1 else caps[0], seed=seed,
+                            skipped=k)
+                return item
+            reasons.append(reason)
+        raise RclipError(f"{MAX_REPLACEMENTS + 1} images in a row could not be read, e.g. {reasons[0]}")
+
+
+class ProposalCache:
+    """RPN proposals for every pair of a caption source, memory-mapped (``--cache-proposals DIR``).
+
+    Files: ``boxes.npy`` (N, K, 4) float32 in original-image pixels, ``objectness.npy`` (N, K), ``counts.npy``
+    (N,) and ``meta.json`` (what made them: source, RPN, top-k, NMS), so a later run reuses them only when they fit.
+    """
+
+    def __init__(self, folder: str | os.PathLike) -> None:
+        self.folder = Path(folder)
+        self.boxes = np.load(self.folder / "boxes.npy", mmap_mode="r")
+        self.objectness = np.load(self.folder / "objectness.npy", mmap_mode="r")
+        self.counts = np.load(self.folder / "counts.npy", mmap_mode="r")
+
+    @staticmethod
+    def meta_path(folder: str | os.PathLike) -> Path:
+        return Path(folder) / "meta.json"
+
+    def get(self, index: int, sx: float, sy: float):
+        """(boxes (P, 4) scaled by ``sx``, ``sy``, objectness (P,)) of pair ``index``."""
+        import torch
+
+        from rclip_core.boxes import scale_boxes
+
+        n = int(self.counts[index])
+        boxes = torch.from_numpy(np.array(self.boxes[index, :n], dtype=np.float32))
+        return scale_boxes(boxes, sx, sy), torch.from_numpy(np.array(self.objectness[index, :n], dtype=np.float32))

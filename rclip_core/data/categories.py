@@ -109,3 +109,43 @@ def lvis_categories() -> list[dict]:
         {'id': 1, 'name': 'aerosol_can', 'frequency': 'c'}
     """
     return [{"id": i, "name": n, "frequency": f} for i, n, f in _lvis_table()]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# base / novel: the one rule, used by evaluation, RPN training and finetuning
+
+
+def category_splits(categories: list[dict]) -> dict[int, str | None]:
+    """Each category id's open-vocabulary split, ``"base"``, ``"novel"`` or None (in neither).
+
+    The one rule, in order: LVIS categories (a ``frequency`` field) are novel when rare (``"r"``) and base otherwise
+    (the 866 common + frequent); an explicit ``"split": "base" | "novel"`` field on the categories comes next; else
+    COCO's 48 base / 17 novel classes are found by (case-folded) name, other names are in neither.
+
+    Example:
+        >>> category_splits([{"id": 17, "name": "cat"}, {"id": 1, "name": "person"}, {"id": 10, "name": "kite2"}])
+        {17: 'novel', 1: 'base', 10: None}
+    """
+    if any("frequency" in c for c in categories):
+        return {int(c["id"]): "novel" if c.get("frequency") == "r" else "base" for c in categories}
+    if any("split" in c for c in categories):
+        return {int(c["id"]): c.get("split") if c.get("split") in ("base", "novel") else None for c in categories}
+    by_name = {**{n: "base" for n in COCO_OVD_BASE}, **{n: "novel" for n in COCO_OVD_NOVEL}}
+    return {int(c["id"]): by_name.get(str(c["name"]).strip().lower()) for c in categories}
+
+
+def split_rule(categories: list[dict]) -> str:
+    """Which branch of :func:`category_splits` applies, in words (for logs and summaries)."""
+    if any("frequency" in c for c in categories):
+        return "LVIS frequency: rare = novel, common + frequent = base"
+    if any("split" in c for c in categories):
+        return "the categories' 'split' field"
+    return "COCO's 48 base / 17 novel classes by name"
+
+
+def split_ids(categories: list[dict]) -> dict[str, list[int]]:
+    """``{"novel": [...], "base": [...], "all": novel + base}`` sorted ids, or ``{}`` when no category is in a split."""
+    splits = category_splits(categories)
+    novel = sorted(i for i, s in splits.items() if s == "novel")
+    base = sorted(i for i, s in splits.items() if s == "base")
+    return {"novel": novel, "base": base, "all": sorted(novel + base)} if novel or base else {}

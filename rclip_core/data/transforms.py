@@ -1,21 +1,33 @@
-"""Image reading and detection-style preprocessing, matching the original's zero-shot path (regionclip_facts §9):
-RGB with EXIF orientation, shortest edge resized with PIL bilinear on uint8, then /255 and CLIP mean/std."""
+"""The one image reader and the preprocessing every command shares (regionclip_facts §9).
+
+- :func:`read_image` decodes any photo the same way for training and inference: EXIF rotation applied, grayscale and
+  palette images converted to RGB, transparency composited on white.
+- Resizing happens on the decoded PIL image (PIL bilinear on uint8, detectron2's ``ResizeShortestEdge`` rule), so it
+  runs in DataLoader workers and datasets hand out ``uint8`` tensors (3, H, W).
+- Normalisation belongs to the model, per branch (:class:`ImageNormalizer`, as torchvision's
+  ``GeneralizedRCNNTransform``): CLIP's RGB mean/std on pixels / 255 for the CLIP trunk, detectron2's BGR mean on
+  0-255 pixels for a converted original RPN. One decoded, resized image feeds both.
+"""
 
 from __future__ import annotations
 
+import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
-from torch import Tensor
+from torch import Tensor, nn
+from torchvision.models.detection.image_list import ImageList
 
 from rclip_core.errors import RclipError
 
 
 def read_image(path: str | os.PathLike) -> Image.Image:
-    """Decode an image as RGB with its EXIF rotation applied (grayscale, palette and RGBA are converted).
+    """Decode an image as RGB with its EXIF rotation applied (grayscale and palette converted, transparency
+    composited on white).
 
     Raises:
         RclipError: the file is missing or not a decodable image.
@@ -24,15 +36,22 @@ def read_image(path: str | os.PathLike) -> Image.Image:
     try:
         with Image.open(p) as im:
             im = ImageOps.exif_transpose(im)
-            if im.mode == "RGBA":  # composite on white rather than letting transparent pixels turn black
-                bg = Image.new("RGB", im.size, (255, 255, 255))
-                bg.paste(im, mask=im.getchannel("A"))
+            if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+                # Composite on white rather than letting transparent pixels turn black (PIL's plain convert).
+                rgba = im.convert("RGBA")
+                bg = Image.new("RGB", rgba.size, (255, 255, 255))
+                bg.paste(rgba, mask=rgba.getchannel("A"))
                 return bg
             return im.convert("RGB")
     except FileNotFoundError:
         raise RclipError(f"image not found: {p}") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise RclipError(f"{p}: not a readable image ({e.__class__.__name__})") from None
+
+
+def to_uint8_tensor(img: Image.Image) -> Tensor:
+    """PIL RGB → uint8 tensor (3, H, W)."""
+    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
 
 
 def shortest_edge_size(width: int, height: int, min_size: int, max_size: int) -> tuple[int, int]:
@@ -49,21 +68,76 @@ def resize_shortest_edge(img: Image.Image, min_size: int, max_size: int) -> Imag
     return img if (w, h) == img.size else img.resize((w, h), Image.BILINEAR)
 
 
-def normalize(img: Image.Image, mean: list[float], std: list[float]) -> Tensor:
-    """PIL RGB → float tensor (3, H, W): /255 then (x − mean) / std."""
-    arr = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255.0)
-    return (arr - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
-
-
-def pad_batch(images: list[Tensor], divisibility: int = 32) -> Tensor:
-    """Stack (3, H_i, W_i) tensors into (B, 3, H, W), zero-padding bottom/right (zero = the mean after
-    normalisation). A batch of one is returned unpadded, as the original runs it."""
-    if len(images) == 1:
+def pad_batch(images: Sequence[Tensor], divisibility: int = 32, *, pad_single: bool = False) -> Tensor:
+    """Stack (C, H_i, W_i) tensors into (B, C, H, W), zero-padding bottom/right to the largest size rounded up to
+    ``divisibility`` (0 or 1: no rounding). Zero is the mean after normalisation. A single image is returned unpadded
+    unless ``pad_single`` (the original runs the CLIP branch one unpadded image at a time)."""
+    if len(images) == 1 and not pad_single:
         return images[0][None]
-    h = max(t.shape[1] for t in images)
-    w = max(t.shape[2] for t in images)
-    h, w = -(-h // divisibility) * divisibility, -(-w // divisibility) * divisibility
-    out = images[0].new_zeros((len(images), 3, h, w))
-    for i, t in enumerate(images):
-        out[i, :, : t.shape[1], : t.shape[2]] = t
+    h = max(int(t.shape[1]) for t in images)
+    w = max(int(t.shape[2]) for t in images)
+    if divisibility > 1:
+        h, w = math.ceil(h / divisibility) * divisibility, math.ceil(w / divisibility) * divisibility
+    out = images[0].new_zeros((len(images), images[0].shape[0], h, w))
+    for t, slot in zip(images, out):
+        slot[:, : t.shape[1], : t.shape[2]].copy_(t)
     return out
+
+
+class ImageNormalizer(nn.Module):
+    """One branch's input convention: RGB uint8 images (3, H_i, W_i) → a normalised, padded ``ImageList``.
+
+    ``x / pixel_scale`` (CLIP: 255, so mean/std are given for 0..1 pixels, as the original divides first;
+    detectron2: 1), channels flipped to BGR when ``bgr``, then ``(x - mean) / std`` per channel, then zero-padded.
+
+    Args:
+        mean, std: three values each, in the branch's channel order.
+        pixel_scale: pixels are divided by this first.
+        bgr: flip RGB input to BGR (detectron2's MSRA ResNets).
+        size_divisibility: pad height and width to a multiple of this (32 for FPN).
+        pad_single: pad a batch of one image too (an FPN needs it; the CLIP branch runs one image unpadded).
+
+    Example:
+        >>> norm = ImageNormalizer([0.5, 0.5, 0.5], [0.5, 0.5, 0.5], pixel_scale=255.0)
+        >>> norm([torch.full((3, 4, 6), 255, dtype=torch.uint8)]).tensors.unique()
+        tensor([1.])
+    """
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float], *, pixel_scale: float, bgr: bool = False,
+                 size_divisibility: int = 0, pad_single: bool = False) -> None:
+        super().__init__()
+        if len(mean) != 3 or len(std) != 3:
+            raise RclipError(f"pixel mean and std need three values each, got {list(mean)} and {list(std)}")
+        if any(s <= 0 for s in std):
+            raise RclipError(f"pixel std must be positive, got {list(std)}")
+        # Not persistent: recipes hold them, and the original's checkpoints do not carry them either.
+        self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32).view(3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32).view(3, 1, 1), persistent=False)
+        self.pixel_scale = float(pixel_scale)
+        self.bgr = bgr
+        self.size_divisibility = size_divisibility
+        self.pad_single = pad_single
+
+    def normalize(self, image: Tensor) -> Tensor:
+        """One (3, H, W) RGB image (uint8, or float on 0-255) → float32 normalised (3, H, W)."""
+        if image.ndim != 3 or image.shape[0] != 3:
+            raise ValueError(f"expected a (3, H, W) RGB image tensor, got shape {tuple(image.shape)}")
+        x = image.to(device=self.mean.device, dtype=torch.float32)
+        if self.pixel_scale != 1.0:
+            x = x / self.pixel_scale
+        if self.bgr:
+            x = x.flip(0)
+        return (x - self.mean) / self.std
+
+    def forward(self, images: Sequence[Tensor]) -> ImageList:
+        """B RGB images → ``ImageList`` (tensors (B, 3, H, W), image_sizes [(h_i, w_i)] before padding)."""
+        if len(images) == 0:
+            raise ValueError("no images to normalise")
+        tensors = [self.normalize(im) for im in images]
+        sizes = [(int(t.shape[1]), int(t.shape[2])) for t in tensors]
+        return ImageList(pad_batch(tensors, self.size_divisibility, pad_single=self.pad_single), sizes)
+
+
+def clip_normalizer(mean: Sequence[float], std: Sequence[float]) -> ImageNormalizer:
+    """The CLIP branch's convention: RGB, pixels / 255, CLIP mean/std; batches padded to 32, one image unpadded."""
+    return ImageNormalizer(mean, std, pixel_scale=255.0, size_divisibility=32)

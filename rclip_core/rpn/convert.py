@@ -41,7 +41,7 @@ from typing import Any, Literal, NamedTuple
 import torch
 from torch import Tensor
 
-from rclip_core.checkpoint import check_state_dict, save_checkpoint
+from rclip_core.checkpoint import check_state_dict, read_torch_file, save_checkpoint
 from rclip_core.errors import RclipError
 from rclip_core.recipes import Recipe, RpnCfg, recipe_to_dict
 from rclip_core.rpn.model import RPNModel, build_rpn
@@ -167,12 +167,7 @@ def read_rpn_source(path: str | os.PathLike) -> dict[str, Tensor]:
     ``offline_*`` keys when present), or of an rclip checkpoint's ``"offline_rpn"`` entry, with non-RPN keys left
     out. See the module docstring."""
     p = Path(path)
-    if not p.is_file():
-        raise RclipError(f"RPN checkpoint not found: {p}")
-    try:
-        obj: Any = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many types for a file that is not a checkpoint
-        raise RclipError(f"{p}: not a readable checkpoint ({str(e).splitlines()[0]})") from None
+    obj: Any = read_torch_file(p, what="RPN checkpoint")
     if isinstance(obj, dict) and isinstance(obj.get("offline_rpn"), dict):
         obj = obj["offline_rpn"]
     elif isinstance(obj, dict) and isinstance(obj.get("model"), dict):
@@ -347,12 +342,7 @@ def convert_rpn_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *, re
 def read_rpn_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict]:
     """(state dict, stored recipe dict) of an rclip RPN checkpoint (``rclip rpn train`` / ``rclip rpn convert``)."""
     p = Path(path)
-    if not p.is_file():
-        raise RclipError(f"RPN checkpoint not found: {p}")
-    try:
-        obj: Any = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many types for a file that is not a checkpoint
-        raise RclipError(f"{p}: not a readable checkpoint ({str(e).splitlines()[0]})") from None
+    obj: Any = read_torch_file(p, what="RPN checkpoint")
     if not (isinstance(obj, dict) and isinstance(obj.get("model"), dict) and isinstance(obj.get("recipe"), dict)
             and isinstance(obj["recipe"].get("rpn"), dict)):
         hint = " (a detectron2 / RegionCLIP file? convert it with `rclip rpn convert`)" if isinstance(obj, dict) else ""
@@ -375,14 +365,14 @@ def load_rpn(path: str | os.PathLike, cfg: RpnCfg | None = None) -> RPNModel:
 
     Example:
         >>> model = load_rpn("runs/rpn/checkpoint.pt")  # doctest: +SKIP
-        >>> proposals = propose(model, [image_to_tensor(img)])  # doctest: +SKIP
+        >>> out = propose(model, [to_uint8_tensor(img)])  # doctest: +SKIP
     """
     from rclip_core.recipes import recipe_from_dict
 
     state, recipe = read_rpn_checkpoint(path)
     if cfg is None:
         try:
-            cfg = recipe_from_dict(recipe).rpn
+            cfg = recipe_from_dict({"rpn": recipe["rpn"]}).rpn  # only its own section (others may be older)
         except RclipError as e:
             raise RclipError(f"{path}: stored recipe: {e}") from None
     return load_rpn_state(state, cfg, str(path))

@@ -34,7 +34,6 @@ N = Σ_l H_l·W_l·A anchors per image.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -52,6 +51,7 @@ from torchvision.ops import FrozenBatchNorm2d
 from torchvision.ops import boxes as box_ops
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
+from rclip_core.data.transforms import ImageNormalizer
 from rclip_core.errors import RclipError
 from rclip_core.recipes import RpnCfg
 
@@ -267,7 +267,7 @@ class LogitRPN(RegionProposalNetwork):
         Args:
             images: the normalised, padded batch with the unpadded (h, w) of each image.
             features: the backbone's feature maps, levels in order.
-            targets: training only: per image ``{"boxes": (G_i, 4)}``.
+            targets: per image ``{"boxes": (G_i, 4)}``: the losses are computed when given.
 
         Returns:
             (B tensors (P, 4), B tensors (P,) raw logits, ``{"loss_objectness", "loss_rpn_box_reg"}`` or ``{}``).
@@ -281,9 +281,7 @@ class LogitRPN(RegionProposalNetwork):
         proposals = self.box_coder.decode(pred_bbox_deltas.detach(), anchors).view(len(anchors), -1, 4)
         boxes, logits = self.filter_proposals(proposals, objectness, images.image_sizes, num_anchors_per_level)
         losses: dict[str, Tensor] = {}
-        if self.training:
-            if targets is None:
-                raise ValueError("training needs targets")
+        if targets is not None:
             labels, matched_gt_boxes = self.assign_targets_to_anchors(anchors, targets)
             regression_targets = self.box_coder.encode(matched_gt_boxes, anchors)
             loss_cls, loss_box = self.compute_loss(objectness, pred_bbox_deltas, labels, regression_targets)
@@ -367,83 +365,59 @@ def build_anchor_generator(cfg: RpnCfg) -> Detectron2AnchorGenerator:
 # the model
 
 
+@dataclass
+class RPNOutput:
+    """What :class:`RPNModel` returns: per image, proposals (P, 4) ``xyxy`` in the input image's pixels and their raw
+    objectness logits (P,), best first; the RPN losses when targets were given (else empty)."""
+
+    boxes: list[Tensor]
+    objectness: list[Tensor]
+    losses: dict[str, Tensor]
+
+
 class RPNModel(nn.Module):
-    """Backbone + RPN: RGB images → class-agnostic proposals with raw objectness logits (or losses in training).
+    """A standalone RPN: its own input convention, ResNet backbone and proposal network.
 
     Args:
-        backbone: images (B, 3, H, W) → an ordered dict of feature maps; has ``out_channels``.
+        transform: RGB uint8 images → normalised, padded ``ImageList`` in this RPN's convention
+            (:class:`rclip_core.data.transforms.ImageNormalizer`: BGR, detectron2 mean, 0-255, for converted
+            original RPNs; padded to 32 for FPN).
+        backbone: normalised images (B, 3, H, W) → an ordered dict of feature maps; has ``out_channels``.
         rpn: a :class:`LogitRPN` over those feature maps.
-        pixel_mean, pixel_std: per channel, in ``input_format`` order, on 0-255 pixels.
-        input_format: ``"BGR"`` flips the RGB input's channels first (detectron2's MSRA convention).
-        size_divisibility: pad images to a multiple of this (32 for FPN, so every level halves exactly).
 
     Example:
         >>> model = build_rpn(load_recipe(None, ["rpn.layout=c4"]).rpn).eval()
-        >>> out = model([torch.zeros(3, 480, 640, dtype=torch.uint8)])   # one dict per image
-        >>> out[0]["boxes"].shape, out[0]["objectness"].shape             # (P, 4), (P,)
+        >>> out = model([torch.zeros(3, 480, 640, dtype=torch.uint8)])
+        >>> out.boxes[0].shape, out.objectness[0].shape             # (P, 4), (P,)
     """
 
-    def __init__(self, backbone: nn.Module, rpn: LogitRPN, *, pixel_mean: list[float], pixel_std: list[float],
-                 input_format: str = "BGR", size_divisibility: int = 0) -> None:
+    def __init__(self, transform: ImageNormalizer, backbone: nn.Module, rpn: LogitRPN) -> None:
         super().__init__()
-        if input_format not in ("BGR", "RGB"):
-            raise ValueError(f"input_format must be BGR or RGB, got {input_format!r}")
+        self.transform = transform
         self.backbone = backbone
         self.rpn = rpn
-        self.input_format = input_format
-        self.size_divisibility = size_divisibility
-        # Not persistent: the recipe holds them, and detectron2 checkpoints do not carry them either.
-        self.register_buffer("pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32).view(3, 1, 1), False)
-        self.register_buffer("pixel_std", torch.tensor(pixel_std, dtype=torch.float32).view(3, 1, 1), False)
 
-    def preprocess(self, images: list[Tensor]) -> ImageList:
-        """RGB images (3, H_i, W_i), uint8 or float on 0-255 → normalised, zero-padded batch and the unpadded sizes."""
-        tensors = []
-        for i, img in enumerate(images):
-            if img.ndim != 3 or img.shape[0] != 3:
-                raise ValueError(f"image {i}: expected a (3, H, W) RGB tensor, got shape {tuple(img.shape)}")
-            x = img.to(device=self.pixel_mean.device, dtype=torch.float32)
-            if self.input_format == "BGR":
-                x = x.flip(0)
-            tensors.append((x - self.pixel_mean) / self.pixel_std)
-        sizes = [(int(t.shape[1]), int(t.shape[2])) for t in tensors]
-        height, width = max(s[0] for s in sizes), max(s[1] for s in sizes)
-        if self.size_divisibility > 1:
-            d = self.size_divisibility
-            height, width = math.ceil(height / d) * d, math.ceil(width / d) * d
-        batch = tensors[0].new_zeros((len(tensors), 3, height, width))  # zero = the mean after normalisation
-        for t, out in zip(tensors, batch):
-            out[:, : t.shape[1], : t.shape[2]].copy_(t)
-        return ImageList(batch, sizes)
-
-    def forward(self, images: list[Tensor] | ImageList, targets: list[dict[str, Tensor]] | None = None
-                ) -> list[dict[str, Tensor]] | dict[str, Tensor]:
-        """Proposals in eval mode, losses in training mode (torchvision's detection-model convention).
+    def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None) -> RPNOutput:
+        """Proposals, and losses when ``targets`` are given.
 
         Args:
-            images: RGB images (3, H_i, W_i) on 0-255, already resized like the CLIP branch; or an ``ImageList``
-                that is already normalised and padded (with the unpadded sizes).
-            targets: training only: per image ``{"boxes": (G_i, 4) xyxy}`` in the same pixels (G_i may be 0).
+            images: RGB images (3, H_i, W_i), uint8 (or float on 0-255), already resized like the CLIP branch.
+            targets: per image ``{"boxes": (G_i, 4) xyxy}`` in the same pixels (G_i may be 0).
 
         Returns:
-            eval: per image ``{"boxes": (P, 4) xyxy in the input image's pixels, "objectness": (P,) raw logits}``,
-            best first. training: ``{"loss_rpn_cls": scalar, "loss_rpn_box": scalar}``.
+            :class:`RPNOutput`. The top-k before and after NMS are the training ones in training mode.
         """
-        if not isinstance(images, ImageList):
-            if len(images) == 0:
-                if self.training:
-                    raise ValueError("training needs at least one image")
-                return []
-            images = self.preprocess(images)
-        features = self.backbone(images.tensors)
-        if self.training:
-            if targets is None:
-                raise ValueError("training needs targets (one {'boxes': (G, 4)} per image)")
-            targets = [{"boxes": t["boxes"].to(images.tensors.device, torch.float32).reshape(-1, 4)} for t in targets]
-            _, _, losses = self.rpn(images, features, targets)
-            return {"loss_rpn_cls": losses["loss_objectness"], "loss_rpn_box": losses["loss_rpn_box_reg"]}
-        boxes, logits, _ = self.rpn(images, features)
-        return [{"boxes": b, "objectness": s} for b, s in zip(boxes, logits)]
+        if len(images) == 0:
+            return RPNOutput([], [], {})
+        image_list = self.transform(images)
+        features = self.backbone(image_list.tensors)
+        if targets is not None:
+            device = image_list.tensors.device
+            targets = [{"boxes": t["boxes"].to(device, torch.float32).reshape(-1, 4)} for t in targets]
+        boxes, logits, losses = self.rpn(image_list, features, targets)
+        if losses:
+            losses = {"loss_rpn_cls": losses["loss_objectness"], "loss_rpn_box": losses["loss_rpn_box_reg"]}
+        return RPNOutput(boxes, logits, losses)
 
 
 def topk_settings(cfg: RpnCfg) -> tuple[dict[str, int], dict[str, int]]:
@@ -468,8 +442,6 @@ def build_rpn(cfg: RpnCfg, *, imagenet_init: bool | None = None) -> RPNModel:
     """
     if len(cfg.iou_thresholds) != 2 or cfg.iou_thresholds[0] > cfg.iou_thresholds[1]:
         raise RclipError(f"rpn.iou_thresholds must be [background_below, foreground_from], got {cfg.iou_thresholds}")
-    if len(cfg.pixel_mean) != 3 or len(cfg.pixel_std) != 3:
-        raise RclipError("rpn.pixel_mean and rpn.pixel_std need three values each")
     if cfg.head_convs < 1:
         raise RclipError(f"rpn.head_convs must be at least 1, got {cfg.head_convs}")
     layout = get_layout(cfg.layout)
@@ -480,22 +452,15 @@ def build_rpn(cfg: RpnCfg, *, imagenet_init: bool | None = None) -> RPNModel:
     rpn = LogitRPN(anchors, head, fg_iou_thresh=cfg.iou_thresholds[1], bg_iou_thresh=cfg.iou_thresholds[0],
                    batch_size_per_image=cfg.batch_size_per_image, positive_fraction=cfg.positive_fraction,
                    pre_nms_top_n=pre, post_nms_top_n=post, nms_thresh=cfg.nms_thresh, min_box_size=cfg.min_box_size)
-    return RPNModel(backbone, rpn, pixel_mean=cfg.pixel_mean, pixel_std=cfg.pixel_std, input_format=cfg.input_format,
-                    size_divisibility=layout.size_divisibility)
+    transform = ImageNormalizer(cfg.pixel_mean, cfg.pixel_std, pixel_scale=1.0, bgr=cfg.input_format == "BGR",
+                                size_divisibility=layout.size_divisibility, pad_single=True)
+    return RPNModel(transform, backbone, rpn)
 
 
 @torch.no_grad()
-def propose(model: RPNModel, images: list[Tensor]) -> list[dict[str, Tensor]]:
-    """Proposals for RGB images already resized like the CLIP branch (puts ``model`` in eval mode).
-
-    Args:
-        images: B tensors (3, H_i, W_i), uint8 (or float on 0-255), RGB.
-
-    Returns:
-        Per image ``{"boxes": (P, 4) xyxy in that image's pixels, "objectness": (P,) raw logits}``, best first.
-    """
-    model.eval()
-    return model(images)
+def propose(model: RPNModel, images: list[Tensor]) -> RPNOutput:
+    """Proposals for RGB uint8 images already resized like the CLIP branch (puts ``model`` in eval mode)."""
+    return model.eval()(images)
 
 
 def freeze_stages(model: RPNModel, freeze_at: int) -> None:

@@ -1,0 +1,56 @@
+"""``rclip pretrain RECIPE``: region-text pretraining with teacher pseudo-labels (RegionCLIP §3.2-3.3)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from rclip_cli.common import TrainingProgress, console, get_device, prepare_run_dir
+
+
+@click.command()
+@click.argument("recipe_path", metavar="RECIPE")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Run folder: checkpoint.pt (the latest; a plain CLIP checkpoint of the student), metrics.jsonl, "
+                   "recipe.yaml.")
+@click.option("--resume", is_flag=True, help="Continue OUT/checkpoint.pt (the recipe must match the checkpoint's).")
+@click.option("--force", is_flag=True,
+              help="Start over in an OUT holding a run (replaces only its checkpoint, metrics and recipe), or resume "
+                   "with a changed recipe.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a recipe value, e.g. --set pretrain.steps=1000 (repeatable).")
+@click.option("--cache-proposals", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Run the RPN once over the caption set, keep its proposals in this folder and reuse them in later "
+                   "epochs and runs.")
+def pretrain(recipe_path: str, out: Path, resume: bool, force: bool, overrides: tuple[str, ...],
+             cache_proposals: Path | None) -> None:
+    """Pretrain a CLIP visual encoder on image regions (RegionCLIP): a frozen teacher names RPN proposals with
+    concepts (pseudo labels); the student learns from them (distillation + region-concept contrastive loss) and from
+    the captions (image-text contrastive loss). RECIPE is a YAML file or a shipped recipe name; its `pretrain`
+    section names the data (captions, images, concepts, rpn). Multi-process: prefix with
+    `torchrun --nproc_per_node N -m rclip_cli.main`.
+
+    \b
+    The toy-world chain (see `rclip demo`, which runs it in one go):
+      rclip vocab build toy/captions_train.json --out concepts.txt --min-freq 5
+      rclip embed --names concepts.txt --weights teacher/checkpoint.pt --variant tiny --out concepts.pt
+      rclip rpn train --recipe rpn_r10c4_toyworld_base --train-ann toy/instances_train.json --images toy/images \\
+          --out rpn
+      rclip pretrain pretrain_tiny_toyworld --out student --set model.weights=teacher/checkpoint.pt \\
+          --set pretrain.captions=toy/captions_train.json --set pretrain.images=toy/images \\
+          --set pretrain.concepts=concepts.pt --set pretrain.rpn=rpn/checkpoint.pt
+    """
+    from rclip_core import distributed as D
+    from rclip_core.pretrain import run_pretrain
+
+    device = get_device()
+    recipe = prepare_run_dir(out, recipe_path, overrides, resume=resume, force=force)
+    with TrainingProgress("pretrain", recipe.pretrain.steps) as bar:
+        result = run_pretrain(recipe, out_dir=out, resume=resume, device=device, hooks=[bar],
+                              cache_proposals=cache_proposals)
+    if D.is_main():
+        last = result.history[-1] if result.history else {}
+        losses = ", ".join(f"{k} {v:.3f}" for k, v in last.items() if k.startswith("loss"))
+        console.print(f"pretrained steps {result.start_step + 1}..{result.step} ({losses}); wrote "
+                      f"{out / 'checkpoint.pt'} and {out / 'metrics.jsonl'}")

@@ -1,0 +1,143 @@
+"""Zero-shot region recognition over a set of images: which images, which regions, which detector (RegionCLIP §3.1
+zero-shot inference). The commands ``rclip zeroshot`` and ``rclip visualize`` are thin wrappers around
+:func:`prepare_images` and :func:`run_zeroshot`.
+
+Region sources (:class:`RegionSource`):
+
+- ``gt``: the ground-truth boxes of an annotation file (the paper's GT-box protocol);
+- ``proposals``: a proposals file (``rclip rpn propose``), the best ``zeroshot.num_proposals`` per image;
+- ``rpn``: an rclip / converted original RPN checkpoint, run on the same decoded, resized image.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import nn
+
+from rclip_core.data.coco import (
+    BoxStats,
+    DetectionDataset,
+    ImageRecord,
+    attach_proposals,
+    images_from_paths,
+    images_in_folder,
+    load_detection_annotations,
+)
+from rclip_core.errors import RclipError
+from rclip_core.summary import RunSummary
+
+SourceKind = Literal["gt", "proposals", "rpn"]
+
+
+@dataclass(frozen=True)
+class RegionSource:
+    """Where regions come from: ``kind`` and its file (annotations, proposals or RPN checkpoint)."""
+
+    kind: SourceKind
+    path: Path
+
+    def describe(self) -> str:
+        return {"gt": "ground-truth boxes of", "proposals": "proposals from", "rpn": "RPN"}[self.kind] + f" {self.path}"
+
+
+@dataclass
+class ImageSet:
+    """The images of a run, their categories, and the category id of each class row.
+
+    ``folder_mode``: no annotation file; ids were generated 1..N in sorted order and categories from the class
+    names (``OUT_STEM.images.json`` records them).
+    """
+
+    records: list[ImageRecord]
+    categories: list[dict]
+    category_ids: list[int]
+    image_dir: Path
+    folder_mode: bool
+    box_stats: BoxStats = field(default_factory=BoxStats)
+
+    def skeleton(self) -> dict:
+        """A COCO skeleton of the images and categories (what ``OUT_STEM.images.json`` holds in folder mode)."""
+        return {"images": [{"id": r.id, "file_name": r.file_name} for r in self.records], "categories": self.categories}
+
+
+def prepare_images(names: Sequence[str], source: RegionSource, *, image_dir: str | os.PathLike | None = None,
+                   inputs: Sequence[str | os.PathLike] | None = None, annotations: str | os.PathLike | None = None,
+                   embedding_ids: list[int] | None = None, limit: int | None = None,
+                   names_source: object = "embeddings", match_names: bool = True) -> ImageSet:
+    """The images to run on and the category id of each class name.
+
+    Args:
+        names: K class names (the embedding rows).
+        source: the region source; a ``gt`` source's file is the annotation file.
+        image_dir: a folder the annotation file's (or its own) images are in, or
+        inputs: image files and/or folders (``rclip visualize``); with annotations, matched by base name.
+        annotations: a COCO/LVIS file listing images and categories (ids kept for evaluation); else folder mode.
+        embedding_ids: category ids stored in the embedding file, used in folder mode (default 1..K).
+        limit: only the first N images.
+        match_names: map each class name to the annotation category of that name (results then carry the file's
+            category ids, for evaluation); without it class ``k`` gets id ``k + 1`` (pictures of any vocabulary).
+    """
+    ann = source.path if source.kind == "gt" else annotations
+    if source.kind == "gt" and annotations is not None and Path(annotations) != Path(source.path):
+        raise RclipError("--annotations goes with --rpn/--proposals; --gt-boxes already names the annotation file")
+    stats = BoxStats()
+    if ann is not None:
+        from rclip_core.inference import category_ids_for
+
+        records, categories, stats = load_detection_annotations(ann)
+        cat_ids = category_ids_for(list(names), categories, names_source) if match_names else list(
+            range(1, len(names) + 1))
+        folder_mode = False
+        if inputs is not None:  # annotation names matched by base name to the given files
+            found = {Path(r.file_name).name: r.file_name for r in images_from_paths(inputs)}
+            records = [r for r in records if Path(r.file_name).name in found]
+            for r in records:
+                r.file_name = found[Path(r.file_name).name]
+            if not records:
+                raise RclipError(f"none of the given images is in {ann}")
+    else:
+        records = images_from_paths(inputs) if inputs is not None else images_in_folder(image_dir)
+        cat_ids = list(embedding_ids) if embedding_ids else list(range(1, len(names) + 1))
+        categories = [{"id": i, "name": n} for i, n in zip(cat_ids, names)]
+        folder_mode = True
+    if limit is not None:
+        records = records[:limit]
+    root = Path(image_dir) if image_dir is not None else Path(".")  # absolute file names ignore the root
+    if source.kind == "proposals":
+        attach_proposals(records, source.path, stats)
+    return ImageSet(records, categories, cat_ids, root, folder_mode, stats)
+
+
+def build_proposal_generator(source: RegionSource, recipe) -> nn.Module:
+    """The detector's proposal generator for ``source`` (top ``zeroshot.num_proposals`` by objectness)."""
+    from rclip_core.detector import GivenBoxes, RPNProposals
+
+    topk = recipe.zeroshot.num_proposals
+    if source.kind == "gt":
+        return GivenBoxes("boxes")
+    if source.kind == "proposals":
+        return GivenBoxes("proposals", topk=topk)
+    from rclip_core.rpn import load_rpn
+
+    return RPNProposals(load_rpn(source.path), topk=topk)
+
+
+def run_zeroshot(clip: nn.Module, embeddings: torch.Tensor, images: ImageSet, source: RegionSource, recipe, *,
+                 device: str | torch.device = "cpu", strict: bool = False,
+                 progress: Callable[[int], None] | None = None) -> tuple[list[dict], RunSummary]:
+    """COCO results (original pixels) and the run summary for ``images`` with regions from ``source``."""
+    from rclip_core.detector import build_region_detector
+    from rclip_core.inference import run_detection
+
+    detector = build_region_detector(clip, embeddings, recipe, build_proposal_generator(source, recipe))
+    dataset = DetectionDataset(images.records, images.image_dir, min_sizes=recipe.input.min_size,
+                               max_size=recipe.input.max_size)
+    zs = recipe.zeroshot
+    return run_detection(detector, dataset, category_ids=images.category_ids, batch_size=zs.batch_size,
+                         num_workers=zs.num_workers, device=device, strict=strict, progress=progress)
