@@ -120,7 +120,9 @@ def load_clip(recipe: Any, device: str):
     """The open_clip CLIP of ``recipe.model`` on ``device``, in eval mode."""
     from rclip_core.clip_backbone import create_clip
 
-    return create_clip(recipe.model.variant, recipe.model.weights).to(device).eval()
+    clip = create_clip(recipe.model.variant, recipe.model.weights)
+    recipe.model.variant = clip.rclip_variant  # the resolved variant is what the saved recipe records
+    return clip.to(device).eval()
 
 
 def recipe_sidecar(out: Path) -> Path:
@@ -147,32 +149,111 @@ def progress_callback(progress: Progress, task: Any, unit: str) -> Callable[[int
     return update
 
 
-def class_embeddings(clip: Any, recipe: Any, *, classes: str | None, vocab: Path | None, embeddings: Path | None):
-    """Class embeddings from exactly one of: comma-separated ``classes``, a ``vocab`` names file (both embedded now
-    with the recipe's templates), or an ``embeddings`` file (checked against ``clip``'s text tower)."""
+def classes_option(fn: Callable) -> Callable:
+    """``--classes SPEC``: a comma list, a names file, a COCO/LVIS JSON's categories or a built-in list name. The
+    older spellings ``--names``, ``--vocab``, ``--builtin`` and ``--classes-from`` are aliases for one release. The
+    command receives ``classes``."""
+
+    @click.option("--classes", "classes", default=None, metavar="LIST|FILE|NAME",
+                  help='Class names: "cat,dog,traffic light", a names file (one per line), a COCO/LVIS JSON (its '
+                       "categories, ids kept), or a built-in list (coco80, coco65, coco48, coco17, lvis1203, lvis866).")
+    @click.option("--names", "alias_names", default=None, hidden=True)
+    @click.option("--vocab", "alias_vocab", default=None, hidden=True)
+    @click.option("--builtin", "alias_builtin", default=None, hidden=True)
+    @click.option("--classes-from", "alias_classes_from", default=None, hidden=True)
+    @functools.wraps(fn)
+    def wrapper(*args: Any, classes: str | None, alias_names: str | None, alias_vocab: str | None,
+                alias_builtin: str | None, alias_classes_from: str | None, **kwargs: Any) -> Any:
+        given = {flag: v for flag, v in (("--classes", classes), ("--names", alias_names), ("--vocab", alias_vocab),
+                                         ("--builtin", alias_builtin), ("--classes-from", alias_classes_from))
+                 if v is not None}
+        if len(given) > 1:
+            raise RclipError(f"give exactly one of {', '.join(given)}: they all name the classes (--classes; the "
+                             "others are its old names)")
+        if given and "--classes" not in given:
+            flag = next(iter(given))
+            logging.getLogger("rclip").warning("%s is now --classes (the old name works for one release)", flag)
+        if "--builtin" in given:
+            given["--builtin"] = "builtin:" + given["--builtin"]  # a list name, never a one-class list
+        return fn(*args, classes=next(iter(given.values()), None), **kwargs)
+
+    return wrapper
+
+
+def classes_options(fn: Callable) -> Callable:
+    """:func:`classes_option` and ``--embeddings FILE`` (cached embeddings instead)."""
+    fn = classes_option(fn)
+    return click.option("--embeddings", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                        help="Cached class embeddings from `rclip embed` (checked against the model's text "
+                             "tower).")(fn)
+
+
+def class_embeddings(clip: Any, recipe: Any, *, classes: str | None, embeddings: Path | None,
+                     default: str | None = None):
+    """Class embeddings from ``--classes`` (embedded now with the recipe's templates) or an ``--embeddings`` file;
+    ``default`` (a ``--classes`` spec) when neither is given, said in the log."""
     from rclip_core import text_embed as te
     from rclip_core.text_encoder import TextEncoder
 
-    if sum(x is not None for x in (classes, vocab, embeddings)) != 1:
-        raise RclipError("give exactly one of --classes, --vocab, --embeddings")
+    if classes is not None and embeddings is not None:
+        raise RclipError("give one of --classes or --embeddings, not both")
     encoder = TextEncoder(clip)
     if embeddings is not None:
         return te.load_embeddings(embeddings, dim=encoder.out_dim, fingerprint=encoder.fingerprint())
-    names = te.names_from_text(vocab) if vocab is not None else [c.strip() for c in classes.split(",") if c.strip()]
-    if not names:
-        raise RclipError("--classes: the class list is empty")
-    return te.embed_names(encoder, te.dedupe(names), templates=te.TEMPLATE_SETS[recipe.text.templates],
-                          batch_size=recipe.text.batch_size, truncate=recipe.text.truncate)
+    if classes is None:
+        if default is None:
+            raise RclipError("give the classes: --classes LIST|FILE|NAME or --embeddings FILE")
+        logging.getLogger("rclip").info("no --classes given: using the %s class names", default)
+        classes = default
+    spec = te.resolve_classes(classes)
+    return te.embed_names(encoder, spec.names, templates=te.TEMPLATE_SETS[recipe.text.templates],
+                          batch_size=recipe.text.batch_size, truncate=recipe.text.truncate,
+                          category_ids=spec.category_ids)
 
 
-def region_source(*, gt_boxes: Path | None = None, proposals: Path | None = None, rpn: Path | None = None):
-    """The one region source among the given options (exactly one is required)."""
-    from rclip_core.zeroshot import RegionSource
+def regions_options(fn: Callable) -> Callable:
+    """``--regions SPEC`` and its shortcuts ``--gt-boxes FILE``, ``--proposals FILE``, ``--rpn CKPT``; the command
+    receives ``regions`` (a spec string or None)."""
 
-    given = [(k, p) for k, p in (("gt", gt_boxes), ("proposals", proposals), ("rpn", rpn)) if p is not None]
-    if len(given) != 1:
-        raise RclipError("give exactly one region source: --gt-boxes, --rpn or --proposals")
-    return RegionSource(*given[0])
+    @click.option("--regions", default=None, metavar="SPEC",
+                  help="Where regions come from: gt:ANN.json (ground-truth boxes), proposals:FILE.json, rpn:CKPT "
+                       "(an rclip / converted original RPN), selective-search[:quality] (OpenCV, no weights), "
+                       "torchvision-rpn[:FILE] (torchvision's COCO Faster R-CNN RPN, from torch's cache or FILE).")
+    @click.option("--gt-boxes", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                  help="Shortcut for --regions gt:FILE: name every ground-truth box of a COCO/LVIS JSON.")
+    @click.option("--proposals", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                  help="Shortcut for --regions proposals:FILE (`rclip rpn propose` output).")
+    @click.option("--rpn", "rpn_ckpt", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                  help="Shortcut for --regions rpn:CKPT (`rclip rpn train` / `rclip rpn convert`).")
+    @functools.wraps(fn)
+    def wrapper(*args: Any, regions: str | None, gt_boxes: Path | None, proposals: Path | None,
+                rpn_ckpt: Path | None, **kwargs: Any) -> Any:
+        given = [s for s in (regions, gt_boxes and f"gt:{gt_boxes}", proposals and f"proposals:{proposals}",
+                             rpn_ckpt and f"rpn:{rpn_ckpt}") if s]
+        if len(given) > 1:
+            raise RclipError("give one region source: --regions, --gt-boxes, --proposals or --rpn")
+        return fn(*args, regions=given[0] if given else None, **kwargs)
+
+    return wrapper
+
+
+def device_option(fn: Callable) -> Callable:
+    """``--device`` after the subcommand too (the same as ``rclip --device``)."""
+
+    def remember(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+        if value is not None:
+            root = ctx.find_root()
+            root.ensure_object(dict)
+            root.obj["device"] = value
+
+    return click.option("--device", default=None, expose_value=False, callback=remember, is_eager=True,
+                        help="Torch device (cpu, cuda, cuda:1); the same as `rclip --device`.")(fn)
+
+
+def random_weights_note(clip: Any) -> str:
+    """A suffix for a command's final line when the model had no trained weights."""
+    return " — RANDOM WEIGHTS: the labels mean nothing (pass --weights)" if getattr(
+        clip, "rclip_random_weights", False) else ""
 
 
 class TrainingProgress:
@@ -208,7 +289,8 @@ def recipe_differences(a: dict, b: dict) -> list[str]:
     return sorted(k for k in set(fa) | set(fb) if fa.get(k) != fb.get(k))
 
 
-def prepare_run_dir(out: Path, recipe_path: str, overrides: tuple[str, ...], *, resume: bool, force: bool):
+def prepare_run_dir(out: Path, recipe_path: str, overrides: tuple[str, ...], *, resume: bool, force: bool,
+                    check: Callable[[Any], None] | None = None):
     """The recipe of a training run in ``out``, after the checks every training command makes before any work:
 
     - ``--resume``: ``out/checkpoint.pt`` must exist and hold the same recipe (the differing keys are named; with
@@ -216,7 +298,8 @@ def prepare_run_dir(out: Path, recipe_path: str, overrides: tuple[str, ...], *, 
     - a fresh run: an ``out`` holding a checkpoint is refused unless ``--force`` (which replaces only the run's own
       files: checkpoint, metrics, recipe).
 
-    Writes ``out/recipe.yaml`` (rank 0). Returns the built recipe.
+    ``check(recipe)`` refuses unusable inputs before anything is written. Writes ``out/recipe.yaml`` (rank 0).
+    Returns the built recipe.
     """
     from rclip_core import distributed as D
     from rclip_core.checkpoint import load_checkpoint
@@ -236,7 +319,29 @@ def prepare_run_dir(out: Path, recipe_path: str, overrides: tuple[str, ...], *, 
                              "the new values")
     elif ckpt.exists() and not force:
         raise RclipError(f"{out} already holds a run ({ckpt}); pass --resume to continue it or --force to start over")
+    if check is not None:
+        check(recipe)
     if D.is_main():
         out.mkdir(parents=True, exist_ok=True)
         save_recipe(recipe, out / "recipe.yaml", force=True)
     return recipe
+
+
+def check_inputs(*paths: tuple[str, Path | None], folders: tuple[tuple[str, Path | None], ...] = ()) -> None:
+    """Refuse missing input files and folders in one line naming the flag, before any heavy import or model build.
+    ``paths``: (flag, file or None); ``folders``: (flag, folder or None)."""
+    for flag, p in paths:
+        if p is not None and not Path(p).is_file():
+            raise RclipError(f"{flag}: file not found: {p}")
+    for flag, p in folders:
+        if p is not None and not Path(p).is_dir():
+            raise RclipError(f"{flag}: folder not found: {p}")
+
+
+def check_outputs(*outputs: Path, force: bool) -> None:
+    """Refuse existing outputs (unless ``force``) before any work, without creating anything."""
+    for p in outputs:
+        if Path(p).exists() and not force:
+            raise RclipError(f"{p} already exists; pass --force to overwrite it")
+        if Path(p).is_dir():
+            raise RclipError(f"{p} is a folder; give a file name")

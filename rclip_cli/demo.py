@@ -15,31 +15,34 @@ DEFAULT_RECIPE = "demo_tiny_toyworld"
 @click.command()
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/demo"), show_default=True,
               help="Folder for the toy world, checkpoints, embeddings, detections, metrics and the picture.")
-@click.option("--steps", type=int, default=None, help="Training steps (default: the recipe's pretrain.steps).")
+@click.option("--steps", type=click.IntRange(min=1), default=None,
+              help="Cap every training stage at this many steps (a quick smoke run; the numbers then mean little).")
 @force_option
 @raw_recipe_options
 def demo(out: Path, steps: int | None, force: bool, recipe_path: str | None, overrides: tuple[str, ...]) -> None:
-    """Generate a toy world of coloured shapes, train a tiny CLIP on its captions (image-text contrastive loss on
-    the whole-image region), then embed the shape names, classify every ground-truth box of held-out images
-    zero-shot, evaluate (COCO AP with base/novel split, GT-box accuracy) and draw OUT/demo.png. The recipe is
-    demo_tiny_toyworld unless --recipe names another; --set changes any key of the sections it uses.
+    """RegionCLIP's chain on a generated toy world of coloured shapes: a teacher CLIP trained from scratch on
+    single-object "web" images and their captions; a concept pool parsed from the scene captions; an RPN trained on
+    the base shapes' boxes; region pretraining of a student from the teacher's pseudo labels; then both name every
+    ground-truth box of held-out scenes zero-shot, side by side (GT-box accuracy and COCO AP50, base and novel
+    shapes), and OUT/demo.png shows their labels, right and wrong.
 
-    Novel shapes never appear as boxes in training, only as words in captions, as RegionCLIP's concepts do.
+    Novel shapes (star, heart) never appear as boxes in training, only as words in captions, as RegionCLIP's
+    concepts do. The recipe is demo_tiny_toyworld unless --recipe names another; --set changes its sections (input,
+    zeroshot, toyworld, text, demo); each stage's own recipe keys go through demo.teacher_set / rpn_set /
+    student_set.
     """
     from rclip_core.demo import check_demo_recipe, run_demo
     from rclip_core.recipes import load_recipe
 
+    check_demo_recipe(list(overrides))
     recipe = load_recipe(recipe_path or DEFAULT_RECIPE, overrides)
-    check_demo_recipe(recipe, list(overrides))
-    if steps is not None:
-        recipe.pretrain.steps = steps
 
     @contextlib.contextmanager
     def bar(description: str, total: int):
         with TrainingProgress(description, total) as hook:
             yield hook
 
-    result = run_demo(recipe, out, device=get_device(), force=force, progress=bar)
+    result = run_demo(recipe, out, device=get_device(), force=force, progress=bar, max_steps=steps)
     click.echo(scores_table(result.scores))  # the result table on stdout
     console.print(f"picture: {result.picture}; all outputs in {result.out}")
 

@@ -51,7 +51,7 @@ def recall_table(result: dict):
 
 
 @click.command("eval")
-@click.option("--gt", "gt_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
+@click.option("--gt", "--annotations", "gt_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Ground truth: COCO- or LVIS-format instances JSON.")
 @click.option("--dets", "dets_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Detections: COCO results JSON (image_id, category_id, bbox xywh, score).")

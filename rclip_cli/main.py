@@ -10,6 +10,7 @@ import importlib
 import logging
 import os
 import sys
+import warnings
 
 import click
 
@@ -47,9 +48,29 @@ class RclipGroup(click.Group):
         except RclipError as e:
             click.echo(f"Error: {e}", err=True)
             sys.exit(1)
-        except KeyboardInterrupt:
-            click.echo("Interrupted; finished outputs are kept, unfinished ones were not written.", err=True)
+        except KeyboardInterrupt as e:
+            detail = f" ({e})" if str(e) else ""
+            click.echo(f"Interrupted{detail}; finished outputs are kept, unfinished ones were not written.", err=True)
             sys.exit(130)
+
+    def main(self, *args, **kwargs):
+        """Usage errors (a bad option value, a missing argument) as one ``Error:`` line naming the option, with
+        exit code 2, like every other refused input; --help and --version as usual."""
+        kwargs.setdefault("standalone_mode", False)
+        try:
+            rv = super().main(*args, **kwargs)
+        except click.exceptions.Exit as e:
+            sys.exit(e.exit_code)
+        except click.exceptions.Abort:
+            click.echo("Aborted.", err=True)
+            sys.exit(1)
+        except click.ClickException as e:
+            hint = f" (see `{e.ctx.command_path} --help`)" if getattr(e, "ctx", None) is not None else ""
+            click.echo(f"Error: {e.format_message()}{hint}", err=True)
+            sys.exit(e.exit_code)
+        if isinstance(rv, int) and rv:  # a command that returned an exit code
+            sys.exit(rv)
+        return rv
 
 
 @click.group(cls=RclipGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -81,6 +102,10 @@ def cli(ctx: click.Context, log_level: str, device: str | None) -> None:
     from rclip_cli.common import setup_logging
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # Library warnings (torch's deprecations, open_clip's notices) are for developers, not for a user's terminal.
+    warnings.filterwarnings("ignore", module=r"(torch|torchvision|open_clip|timm|huggingface_hub)(\.|$)")
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
     setup_logging(log_level)
     if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:  # launched by torchrun: join the job, rank 0 alone logs
         from rclip_core.distributed import init_distributed

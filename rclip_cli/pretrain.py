@@ -42,10 +42,10 @@ def pretrain(recipe_path: str, out: Path, resume: bool, force: bool, overrides: 
           --set pretrain.concepts=concepts.pt --set pretrain.rpn=rpn/checkpoint.pt
     """
     from rclip_core import distributed as D
-    from rclip_core.pretrain import run_pretrain
+    from rclip_core.pretrain import check_inputs, run_pretrain
 
     device = get_device()
-    recipe = prepare_run_dir(out, recipe_path, overrides, resume=resume, force=force)
+    recipe = prepare_run_dir(out, recipe_path, overrides, resume=resume, force=force, check=check_inputs)
     with TrainingProgress("pretrain", recipe.pretrain.steps) as bar:
         result = run_pretrain(recipe, out_dir=out, resume=resume, device=device, hooks=[bar],
                               cache_proposals=cache_proposals)

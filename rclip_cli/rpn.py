@@ -27,10 +27,12 @@ def rpn() -> None:
 
 
 @rpn.command()
-@click.option("--train-ann", required=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="COCO/LVIS instances JSON; novel categories are dropped (rpn.train.categories: base).")
+@click.option("--annotations", "--train-ann", "train_ann", required=True,
+              type=click.Path(dir_okay=False, path_type=Path),
+              help="COCO/LVIS instances JSON; novel categories are dropped (rpn.train.categories: base). "
+                   "--train-ann is its old name.")
 @click.option("--images", "image_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Folder holding the images named in --train-ann.")
+              help="Folder holding the images named in --annotations.")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Run folder: checkpoint.pt, recipe.yaml, metrics.jsonl.")
 @click.option("--steps", type=int, default=None, help="Training steps (default: the recipe's rpn.train.steps).")
@@ -69,7 +71,7 @@ def train(train_ann: Path, image_dir: Path, out: Path, steps: int | None, resume
     if missing:
         raise RclipError(f"{len(missing)} training image(s) not found in {image_dir}, e.g. {missing[0]}")
     console.print(f"training data: {data.summary()}")
-    model = build_rpn(cfg, imagenet_init=cfg.imagenet_init and not resume)
+    model = build_rpn(cfg, imagenet_init=cfg.imagenet_init and not resume, seed=cfg.train.seed)
     dataset = DetectionDataset(data.records, image_dir, min_sizes=cfg.train.min_sizes, max_size=cfg.train.max_size,
                                hflip=cfg.train.hflip)
     out.mkdir(parents=True, exist_ok=True)
@@ -89,10 +91,10 @@ def train(train_ann: Path, image_dir: Path, out: Path, steps: int | None, resume
               help="Image folder (every image in it, with generated ids, unless --annotations lists them).")
 @click.option("--annotations", type=click.Path(dir_okay=False, path_type=Path),
               help="COCO/LVIS JSON whose images (and ids) to propose on.")
-@click.option("--checkpoint", required=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="rclip RPN checkpoint (from `rclip rpn train` or `rclip rpn convert`).")
+@click.option("--rpn", "--checkpoint", "checkpoint", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="rclip RPN checkpoint (`rclip rpn train` / `rclip rpn convert`); --checkpoint is its old name.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Proposals JSON.")
-@click.option("--limit", type=int, default=None, help="Only the first N images.")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Only the first N images.")
 @click.option("--strict", is_flag=True, help="Stop at an unreadable image instead of skipping it.")
 @force_option
 @raw_recipe_options

@@ -1,4 +1,4 @@
-"""``rclip zeroshot``: recognise regions (GT boxes, given proposals, or proposals from an RPN) with text embeddings
+"""``rclip zeroshot``: recognise regions (GT boxes, proposals, an RPN, selective search) with text embeddings
 → COCO results JSON."""
 
 from __future__ import annotations
@@ -8,66 +8,66 @@ from pathlib import Path
 import click
 
 from rclip_cli.common import (
+    check_inputs,
+    check_outputs,
+    classes_options,
     console,
+    device_option,
     force_option,
     get_device,
-    load_clip,
     make_progress,
     model_options,
     progress_callback,
+    random_weights_note,
     recipe_options,
-    region_source,
-    save_outputs_recipe,
+    regions_options,
 )
 
 
 @click.command()
 @click.option("--images", "image_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Image folder: the images named in the annotation file, or every image in it when none is given.")
-@click.option("--embeddings", required=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="Class embeddings from `rclip embed` (checked against the model's text tower).")
-@click.option("--gt-boxes", type=click.Path(dir_okay=False, path_type=Path),
-              help="COCO/LVIS annotation JSON: classify every ground-truth box (the paper's GT-box protocol).")
-@click.option("--rpn", "rpn_ckpt", type=click.Path(dir_okay=False, path_type=Path),
-              help="RPN checkpoint (`rclip rpn train` / `rclip rpn convert`): propose regions, then classify them.")
-@click.option("--proposals", type=click.Path(dir_okay=False, path_type=Path),
-              help="Precomputed proposals JSON from `rclip rpn propose` ([{image_id, boxes xyxy, objectness}]).")
+@classes_options
+@regions_options
 @click.option("--annotations", type=click.Path(dir_okay=False, path_type=Path),
-              help="With --rpn/--proposals: a COCO/LVIS JSON listing the images and categories (ids kept for eval).")
+              help="With proposals or an RPN: a COCO/LVIS JSON listing the images and categories (ids kept for eval).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Detections JSON.")
-@click.option("--limit", type=int, default=None, help="Only the first N images.")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Only the first N images.")
 @click.option("--strict", is_flag=True, help="Stop at an unreadable image instead of skipping it.")
 @force_option
+@device_option
 @recipe_options
 @model_options
-def zeroshot(image_dir, embeddings, gt_boxes, rpn_ckpt, proposals, annotations, out, limit, strict, force,
-             recipe) -> None:
+def zeroshot(image_dir, classes, embeddings, regions, annotations, out, limit, strict, force, recipe) -> None:
     """Classify regions zero-shot exactly as the original release: cosine / 0.01, softmax with an all-zero
-    background column, score threshold, class-specific NMS, top detections per image; with proposals the score is
-    fused with RPN objectness (zeroshot.score_fusion). Regions come from one of --gt-boxes, --rpn or --proposals.
-    Writes COCO results (OUT), a summary (OUT_STEM.summary.json) and the recipe; without an annotation file also
-    OUT_STEM.images.json (the generated image list and categories, a COCO skeleton).
+    background column, score threshold, class-specific NMS, top detections per image; with an RPN's proposals the
+    score is fused with objectness (zeroshot.score_fusion). Classes: --classes (embedded on the fly) or
+    --embeddings. Writes COCO results (OUT), a summary (OUT_STEM.summary.json) and the recipe; without an
+    annotation file also OUT_STEM.images.json (the generated image list and categories, a COCO skeleton).
 
     \b
       rclip zeroshot --gt-boxes instances_val2017.json --images val2017 --embeddings coco80.pt --out dets.json
-      rclip zeroshot --rpn rpn_lvis_866.rclip.pt --images my_photos --embeddings lvis1203.pt --out dets.json
+      rclip zeroshot --rpn rpn_lvis_866.rclip.pt --images my_photos --classes lvis1203 --out dets.json
+      rclip zeroshot --regions selective-search --images my_photos --classes "cat,dog" --out dets.json
     """
-    from rclip_core.io import check_writable, write_json
-    from rclip_core.text_embed import load_embeddings
-    from rclip_core.text_encoder import TextEncoder
-    from rclip_core.zeroshot import prepare_images, run_zeroshot
+    from rclip_core.region_spec import RegionSource
 
-    source = region_source(gt_boxes=gt_boxes, proposals=proposals, rpn=rpn_ckpt)
+    source = RegionSource.parse(regions or "selective-search")
     summary_path, images_path = (out.with_name(out.stem + s) for s in (".summary.json", ".images.json"))
     folder_mode = source.kind != "gt" and annotations is None
-    for p in (out, summary_path) + ((images_path,) if folder_mode else ()):
-        check_writable(p, force=force)
+    check_outputs(out, summary_path, *((images_path,) if folder_mode else ()), force=force)
+    check_inputs(("--embeddings", embeddings), ("--annotations", annotations), ("--regions", source.path),
+                 folders=(("--images", image_dir),))
+
+    from rclip_cli.common import class_embeddings, load_clip
+    from rclip_core.io import write_json
+    from rclip_core.zeroshot import prepare_images, run_zeroshot
+
     device = get_device()
     clip = load_clip(recipe, device)
-    emb = load_embeddings(embeddings, dim=clip.visual.attnpool.c_proj.out_features,
-                          fingerprint=TextEncoder(clip).fingerprint())
+    emb = class_embeddings(clip, recipe, classes=classes, embeddings=embeddings)
     images = prepare_images(emb.names, source, image_dir=image_dir, annotations=annotations,
-                            embedding_ids=emb.category_ids, limit=limit, names_source=embeddings)
+                            embedding_ids=emb.category_ids, limit=limit, names_source=embeddings or "--classes")
     with make_progress() as progress:
         task = progress.add_task("zero-shot", total=len(images.records), rate="")
         results, summary = run_zeroshot(clip, emb.embeddings, images, source, recipe, device=device, strict=strict,
@@ -75,11 +75,15 @@ def zeroshot(image_dir, embeddings, gt_boxes, rpn_ckpt, proposals, annotations, 
     write_json(out, results, force=force, indent=None)
     if images.folder_mode:
         write_json(images_path, images.skeleton(), force=force)
-    write_json(summary_path, {**summary.to_dict(), "boxes": images.box_stats.__dict__, "embeddings": str(embeddings),
-                              "mode": source.kind, "region_source": source.describe()}, force=force)
+    write_json(summary_path, {**summary.to_dict(), "boxes": images.box_stats.__dict__,
+                              "classes": str(embeddings or classes), "mode": source.kind,
+                              "region_source": source.describe(), "random_weights": clip.rclip_random_weights},
+               force=force)
+    from rclip_cli.common import save_outputs_recipe
+
     save_outputs_recipe(recipe, out)
     stats = images.box_stats
-    console.print(f"{summary.images} images, {summary.regions} regions → {summary.detections} detections in {out}"
-                  f" ({summary.images_per_second} img/s); skipped {len(summary.images_skipped)} "
+    console.print(f"{summary.images} images, {summary.regions} regions ({source.describe()}) → {summary.detections} "
+                  f"detections in {out} ({summary.images_per_second} img/s); skipped {len(summary.images_skipped)} "
                   f"unreadable, {summary.images_without_detections} without detections; boxes clipped "
-                  f"{stats.clipped}, dropped {stats.dropped}")
+                  f"{stats.clipped}, dropped {stats.dropped}{random_weights_note(clip)}")

@@ -29,6 +29,12 @@ def read_torch_file(path: str | os.PathLike, *, what: str = "checkpoint") -> Any
     if not p.is_file():
         raise RclipError(f"{what} not found: {p}")
     try:
+        # Memory-mapped: tensors are read from disk only when used (a converted checkpoint also holds the teacher,
+        # the offline RPN and the box predictor, which inference never touches).
+        return torch.load(p, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # a legacy (non-zip) file cannot be mapped; anything else fails again below, reported
+        pass
+    try:
         return torch.load(p, map_location="cpu", weights_only=True)
     except Exception as first:  # torch raises several unrelated types for a bad file
         try:
@@ -67,12 +73,16 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             return load_file(str(p))
         except Exception as e:  # safetensors raises its own error types
             raise RclipError(f"{p}: not a readable safetensors file ({e})") from None
-    obj = read_torch_file(p)
+    return state_dict_of(read_torch_file(p), p)
+
+
+def state_dict_of(obj: Any, source: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The state dict inside a loaded file: an rclip checkpoint's ``model``, a ``state_dict`` wrapper, or itself."""
     for key in ("model", "state_dict"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise RclipError(f"{p}: does not hold a state dict of tensors")
+        raise RclipError(f"{source}: does not hold a state dict of tensors")
     return obj
 
 
@@ -124,7 +134,11 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module | dict, *, recipe:
                     force: bool = True, **extra: Any) -> Path:
     """Write a checkpoint atomically. ``model`` is a module or a state dict; ``extra`` adds optimizer etc."""
     from rclip_core.io import torch_save
+    from rclip_core.text_encoder import text_fingerprint
 
     state = model.state_dict() if isinstance(model, nn.Module) else model
     obj = {"model": state, "recipe": recipe or {}, "step": step, "rclip_version": __version__, **extra}
+    fingerprint = text_fingerprint(state)
+    if fingerprint is not None:  # computed once here, so loading never hashes the text tower again
+        obj["text_fingerprint"] = fingerprint
     return torch_save(obj, path, force=force)

@@ -38,11 +38,12 @@ class Variant:
         return 2 * self.attnpool_grid
 
 
-# The one name table of variants. "tiny" is a ~3 M-parameter config for tests and the toy world.
+# The one name table of variants. "tiny" is a ~3 M-parameter config for tests and the toy world, at the toy world's
+# 128 px: its attention pool has a 4×4 grid, so regions are pooled 8×8 (cheap enough to pretrain on 2 CPU cores).
 VARIANTS: dict[str, Variant] = {
     "RN50": Variant(open_clip_name="RN50-quickgelu", attnpool_grid=7),
     "RN50x4": Variant(open_clip_name="RN50x4-quickgelu", attnpool_grid=9),
-    "tiny": Variant(open_clip_name="rclip-tiny", attnpool_grid=7),
+    "tiny": Variant(open_clip_name="rclip-tiny", attnpool_grid=4),
 }
 
 
@@ -57,29 +58,115 @@ def _is_file_spec(weights: str) -> bool:
     return weights.endswith((".pt", ".pth", ".bin", ".safetensors")) or os.sep in weights or os.path.exists(weights)
 
 
-def create_clip(variant: str, weights: str | None = None, *, log_random_init: bool = True) -> nn.Module:
-    """Build an open_clip ``CLIP`` for ``variant`` and load ``weights``.
+def stored_variant(obj: object) -> str | None:
+    """The variant an rclip checkpoint records in its recipe (``recipe.model.variant``), else None."""
+    if isinstance(obj, dict) and isinstance(obj.get("recipe"), dict):
+        model = obj["recipe"].get("model")
+        if isinstance(model, dict) and isinstance(model.get("variant"), str):
+            return model["variant"]
+    return None
+
+
+def _check_tag_reachable(open_clip_name: str, tag: str) -> None:
+    """Fail within seconds, in one line, when open_clip would have to download ``tag`` and cannot: the weights are
+    neither in huggingface_hub's cache nor reachable (an offline machine otherwise waits for retries to time out)."""
+    import socket
+
+    import open_clip
+
+    cfg = open_clip.get_pretrained_cfg(open_clip_name, tag)
+    if not cfg:
+        known = ", ".join(open_clip.list_pretrained_tags_by_model(open_clip_name)) or "none"
+        raise RclipError(f"open_clip has no weights '{tag}' for {open_clip_name}; known tags: {known}")
+    hub = cfg.get("hf_hub", "")
+    if hub:
+        from huggingface_hub import constants, try_to_load_from_cache
+
+        repo, filename = os.path.split(hub)
+        names = [filename] if filename else ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
+        if any(isinstance(try_to_load_from_cache(repo, n), str) for n in names):
+            return
+        offline = constants.HF_HUB_OFFLINE
+        if not offline:
+            try:
+                socket.create_connection(("huggingface.co", 443), timeout=3).close()
+                return
+            except OSError:
+                offline = True
+        raise RclipError(f"open_clip weights '{tag}' ({repo}) are not in huggingface_hub's cache "
+                         f"({constants.HF_HUB_CACHE}) and cannot be downloaded here (no network"
+                         f"{' / HF_HUB_OFFLINE is set' if constants.HF_HUB_OFFLINE else ''}); download them on a "
+                         "machine with network into that cache, or give a local file: --weights FILE")
+
+
+def _load_without_init(open_clip, spec: Variant, variant: str, state: dict, source: str) -> nn.Module:
+    """Build the model on the meta device (no random initialisation: ten times faster for RN50) and take the
+    loaded tensors as its parameters (``assign``, so a memory-mapped file is read only where it is used)."""
+    from rclip_core.checkpoint import check_state_dict
+
+    with torch.device("meta"):
+        model = open_clip.create_model(spec.open_clip_name, pretrained=None, pretrained_text=False, device="meta")
+    check_state_dict(model, state, source)
+    model.load_state_dict(state, strict=True, assign=True)
+    # The one non-persistent buffer, the text tower's causal mask, is not in any file: build it for real.
+    length = int(model.positional_embedding.shape[0])
+    model.attn_mask = torch.full((length, length), float("-inf")).triu_(1)
+    model.rclip_variant, model.rclip_random_weights = variant, False
+    return model.eval()
+
+
+def create_clip(variant: str | None, weights: str | None = None, *, log_random_init: bool = True) -> nn.Module:
+    """Build an open_clip ``CLIP`` and load ``weights``; the variant is ``variant`` or the one the file records.
 
     Args:
-        variant: a key of :data:`VARIANTS`.
-        weights: ``None`` (random init, seeded: the same model every time), an open_clip pretrained tag such as
-            ``"openai"`` (downloads; online machines only), or a local file: an rclip checkpoint
-            (``{"model": state_dict, ...}``, e.g. from ``rclip weights convert``), a bare open_clip/OpenAI state
-            dict, or a ``.safetensors`` file.
-
-        log_random_init: say in the log when the model keeps random weights (off for callers that load weights
-            into it themselves, such as checkpoint conversion).
+        variant: a key of :data:`VARIANTS`, or None: the variant a local rclip checkpoint records in its recipe, else
+            the one its attention pool's shape identifies, else RN50. A given variant that contradicts the file's
+            recorded one is an error naming both.
+        weights: ``None`` (random init, seeded: the same model every time; a WARNING says the outputs mean
+            nothing), an open_clip pretrained tag such as ``"openai"`` (downloads on online machines; fails in a
+            few seconds otherwise), or a local file: an rclip checkpoint (``{"model": state_dict, ...}``, e.g. from
+            ``rclip weights convert`` or ``rclip pretrain``), a bare open_clip/OpenAI state dict, or ``.safetensors``.
+        log_random_init: warn when the model keeps random weights (off for callers that load weights into it
+            themselves, such as checkpoint conversion).
 
     Returns:
-        ``open_clip.CLIP`` in eval mode.
+        ``open_clip.CLIP`` in eval mode, with ``rclip_variant`` (the variant used) and ``rclip_random_weights``.
     """
     import open_clip
 
+    tag = None if weights is None or _is_file_spec(weights) else weights
+    state, stored_fingerprint = None, None
+    if weights is not None and tag is None:
+        from rclip_core.checkpoint import read_torch_file, state_dict_of
+
+        path = Path(weights)
+        if path.suffix == ".safetensors":
+            from rclip_core.checkpoint import read_state_dict
+
+            state, recorded = read_state_dict(path), None
+        else:
+            obj = read_torch_file(path, what="weights file")
+            recorded, state = stored_variant(obj), state_dict_of(obj, path)
+            stored_fingerprint = obj.get("text_fingerprint") if isinstance(obj, dict) else None
+        if variant is not None and recorded is not None and recorded != variant:
+            raise RclipError(f"{weights} is a {recorded} checkpoint, but the variant asked for is {variant}; leave "
+                             "--variant out (the checkpoint selects its own) or give weights of that variant")
+        if variant is None:
+            from rclip_core.convert import infer_variant
+
+            variant = recorded or infer_variant(state) or "RN50"
+    variant = variant or "RN50"
     spec = get_variant(variant)
     if spec.open_clip_name == "rclip-tiny":
         # Registered only when asked for, so importing rclip_core never touches open_clip's config registry.
         open_clip.add_model_config(_TINY_CONFIG_DIR)
-    tag = None if weights is None or _is_file_spec(weights) else weights
+    if tag is not None:
+        _check_tag_reachable(spec.open_clip_name, tag)
+    if state is not None:
+        model = _load_without_init(open_clip, spec, variant, state, str(weights))
+        if stored_fingerprint is not None:
+            model.rclip_text_fingerprint = stored_fingerprint
+        return model
     try:
         # Random initialisation is seeded, so two commands given no weights build the same model (and the text
         # fingerprint of `rclip embed` matches that of `rclip zeroshot`) without touching the global RNG.
@@ -91,13 +178,48 @@ def create_clip(variant: str, weights: str | None = None, *, log_random_init: bo
             first = str(e).splitlines()[0]
             raise RclipError(f"could not load open_clip weights '{tag}' for {variant}: {first}") from None
         raise
-    if weights is not None and tag is None:
-        from rclip_core.checkpoint import load_model_weights
-
-        load_model_weights(model, weights)
     if weights is None and log_random_init:
-        log.info("%s: random initialisation (no weights given)", variant)
+        log.warning("%s: running on RANDOM weights (no --weights given): labels and scores mean nothing", variant)
+    model.rclip_variant = variant
+    model.rclip_random_weights = weights is None
     return model.eval()
+
+
+def fold_batch_norms(visual: nn.Module) -> int:
+    """Fold every batch norm of a ``ModifiedResNet`` (in eval mode: a fixed affine map, the original's FrozenBN)
+    into the convolution before it, in place: the same function with one pass less over every feature map. Changes
+    outputs only by float rounding (tested within 1e-5). Call before building modules that hold the convolutions
+    (``CLIPTrunk`` collects the stem's). Returns how many norms were folded."""
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    pairs = [(visual, "conv1", "bn1"), (visual, "conv2", "bn2"), (visual, "conv3", "bn3")]
+    for layer in (visual.layer1, visual.layer2, visual.layer3, visual.layer4):
+        for block in layer:
+            pairs += [(block, "conv1", "bn1"), (block, "conv2", "bn2"), (block, "conv3", "bn3")]
+            if block.downsample is not None:
+                pairs.append((block.downsample, "0", "1"))  # named "-1" (AvgPool), "0" (Conv), "1" (BN)
+    folded = 0
+    with torch.no_grad():
+        for owner, conv_name, bn_name in pairs:
+            conv, bn = getattr(owner, conv_name), getattr(owner, bn_name)
+            if isinstance(bn, nn.BatchNorm2d) and isinstance(conv, nn.Conv2d):
+                setattr(owner, conv_name, fuse_conv_bn_eval(conv.eval(), bn.eval()))
+                setattr(owner, bn_name, nn.Identity())
+                folded += 1
+    return folded
+
+
+def prepare_for_inference(clip: nn.Module, *, fold_bn: bool = True, channels_last: bool = True) -> nn.Module:
+    """Make a CLIP's visual tower fast for inference, in place: batch norms folded into convolutions, weights in
+    channels-last memory order (what oneDNN / cuDNN convolutions prefer). Returns ``clip``; it can no longer be
+    trained or saved as the original layout (the norms are gone), so only inference commands call this."""
+    clip.eval()
+    if fold_bn:
+        fold_batch_norms(clip.visual)
+        clip.rclip_folded = True
+    if channels_last:
+        clip.visual.to(memory_format=torch.channels_last)
+    return clip
 
 
 def attnpool_grid(attnpool: nn.Module) -> int:
@@ -157,13 +279,13 @@ class RegionHead(nn.Module):
 
     Example:
         >>> clip = create_clip("tiny")
-        >>> head = RegionHead(clip.visual.layer4, clip.visual.attnpool, pooler_resolution=14)
-        >>> head(torch.zeros(1, 256, 14, 14), [torch.tensor([[0., 0., 100., 100.]])]).shape
+        >>> head = RegionHead(clip.visual.layer4, clip.visual.attnpool, pooler_resolution=8)  # tiny: 4×4 grid
+        >>> head(torch.zeros(1, 256, 8, 8), [torch.tensor([[0., 0., 100., 100.]])]).shape
         torch.Size([1, 32])
     """
 
     def __init__(self, layer4: nn.Module, attnpool: nn.Module, *, pooler_resolution: int,
-                 spatial_scale: float = 1 / 16) -> None:
+                 spatial_scale: float = 1 / 16, chunk: int | None = None) -> None:
         super().__init__()
         grid = attnpool_grid(attnpool)
         if pooler_resolution != 2 * grid:
@@ -173,20 +295,37 @@ class RegionHead(nn.Module):
         self.attnpool = attnpool
         self.pooler_resolution = pooler_resolution
         self.spatial_scale = spatial_scale
+        # Regions per pass through pooler, res5 and attention pool: bounds peak memory with 1000 proposals (an RN50
+        # RoI at 14×14×1024 is 0.8 MB before res5 widens it); None = all at once.
+        self.chunk = chunk
         self.out_dim = int(attnpool.c_proj.out_features)  # D
 
-    def pool(self, res4: Tensor, boxes_per_image: list[Tensor]) -> Tensor:
-        """RoIAlign of boxes (``xyxy`` input pixels) on res4 (B, C4, h, w) → (R, C4, P, P)."""
-        boxes = [b.to(dtype=res4.dtype, device=res4.device) for b in boxes_per_image]
+    def pool(self, res4: Tensor, boxes_per_image: list[Tensor] | Tensor) -> Tensor:
+        """RoIAlign of boxes (``xyxy`` input pixels; per image, or (R, 5) rows led by the image index) on res4
+        (B, C4, h, w) → (R, C4, P, P)."""
+        if isinstance(boxes_per_image, Tensor):
+            boxes = boxes_per_image.to(dtype=res4.dtype, device=res4.device)
+        else:
+            boxes = [b.to(dtype=res4.dtype, device=res4.device) for b in boxes_per_image]
         # detectron2's ROIAlignV2, the original's pooler: aligned=True (half-pixel offset), sampling_ratio=0 (adaptive).
         return roi_align(res4, boxes, output_size=self.pooler_resolution, spatial_scale=self.spatial_scale,
                          sampling_ratio=0, aligned=True)
 
     def forward(self, res4: Tensor, boxes_per_image: list[Tensor]) -> Tensor:
         """(R, D) region embeddings for B tensors (R_i, 4) of boxes, in image order; (0, D) for no boxes."""
-        if sum(int(b.shape[0]) for b in boxes_per_image) == 0:
+        total = sum(int(b.shape[0]) for b in boxes_per_image)
+        if total == 0:
             return res4.new_zeros((0, self.out_dim))
-        return self.attnpool(self.layer4(self.pool(res4, boxes_per_image)))  # (R, D)
+        if self.chunk is None or total <= self.chunk:
+            return self.attnpool(self.layer4(self.pool(res4, boxes_per_image)))  # (R, D)
+        # (R, 5) rows of (image index, x1, y1, x2, y2), the form roi_align also takes, cut into chunks.
+        rois = torch.cat([torch.cat([torch.full((b.shape[0], 1), float(i), dtype=res4.dtype, device=res4.device),
+                                     b.to(dtype=res4.dtype, device=res4.device)], dim=1)
+                          for i, b in enumerate(boxes_per_image)])
+        out = []
+        for part in rois.split(self.chunk):
+            out.append(self.attnpool(self.layer4(self.pool(res4, part))))
+        return torch.cat(out)  # (R, D)
 
 
 class CLIPRegionEncoder(nn.Module):
@@ -197,8 +336,8 @@ class CLIPRegionEncoder(nn.Module):
         pooler_resolution: RoIAlign output size P; must be ``2 ×`` the attention pool's grid.
 
     Example:
-        >>> enc = CLIPRegionEncoder(create_clip("tiny").visual, pooler_resolution=14)
-        >>> enc(torch.zeros(1, 3, 224, 224), [torch.tensor([[0., 0., 100., 100.]])]).shape
+        >>> enc = CLIPRegionEncoder(create_clip("tiny").visual, pooler_resolution=8)
+        >>> enc(torch.zeros(1, 3, 128, 128), [torch.tensor([[0., 0., 100., 100.]])]).shape
         torch.Size([1, 32])
     """
 

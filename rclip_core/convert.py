@@ -101,7 +101,7 @@ DROPPED_KEYS: dict[str, str] = {
 ATTNPOOL_POS_SHAPES: dict[tuple[int, int], str] = {
     (50, 2048): "RN50",
     (82, 2560): "RN50x4",
-    (50, 512): "tiny",
+    (17, 512): "tiny",
 }
 ATTNPOOL_POS_KEY = "attnpool.positional_embedding"  # relative to the visual module
 

@@ -1,19 +1,26 @@
-"""``rclip demo``: the whole chain on a generated toy world, on the CPU in a few minutes (design §6).
+"""``rclip demo``: RegionCLIP's chain on a generated toy world, on the CPU in a few minutes (design §6, paper §3).
 
-1. toy world (``data.toyworld``): training scenes, held-out scenes;
-2. image-text training of a tiny CLIP from random weights on the captions (the pretraining stage with only the
-   image-text loss, both towers trained), on the engine;
-3. shape names embedded with its text tower; every ground-truth box of the held-out scenes classified zero-shot
-   (``zeroshot.run_zeroshot``, the path ``rclip zeroshot --gt-boxes`` runs) and scored (COCO AP, GT-box accuracy);
-4. a picture of held-out scenes with each box's label, right or wrong.
+1. **toy world** (``data.toyworld``): single-object "web" images with captions, multi-object training scenes with
+   captions and boxes, held-out scenes;
+2. **teacher**: a tiny CLIP trained from random weights on the web images' captions (the pretraining stage with
+   only the image-text loss, both towers) — the toy's stand-in for OpenAI's CLIP;
+3. **concept pool**: nouns of the scene captions (``rclip vocab build``), embedded with the teacher's text tower;
+4. **RPN** trained on the base shapes' boxes only (``rpn.training``);
+5. **student**: region pretraining from the teacher on the scenes (pseudo labels, distillation, concept contrastive
+   and image-text losses);
+6. both models name every ground-truth box of the held-out scenes zero-shot (``zeroshot.run_zeroshot``, the path of
+   ``rclip zeroshot --gt-boxes``), scored with COCO AP50 and GT-box accuracy, base and novel shapes apart;
+7. a picture of held-out scenes labelled by each model, right and wrong marked.
 
-Everything is written under one folder; only files this chain writes are replaced with ``force``.
+Each stage's recipe is a shipped recipe of its own (``demo`` section); everything is written under one folder and
+``force`` replaces only the files this chain writes.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,15 +32,15 @@ from rclip_core.recipes import Recipe
 
 log = logging.getLogger(__name__)
 
-# The keys of the recipe the demo reads; --set on any other section is refused, naming it.
-USED_SECTIONS = ("model", "input", "zeroshot", "pretrain", "toyworld", "text")
+# The recipe sections the demo itself reads; --set on any other is refused, naming the stage keys to use instead.
+USED_SECTIONS = ("input", "zeroshot", "toyworld", "text", "demo")
 
 ProgressFactory = Callable[[str, int], contextlib.AbstractContextManager]
 
 
 @dataclass
 class StageScore:
-    """Zero-shot GT-box scores of one model on the held-out scenes."""
+    """Zero-shot GT-box scores of one model on the held-out scenes (accuracies as fractions, AP50 in percent)."""
 
     accuracy: float
     accuracy_base: float
@@ -53,15 +60,22 @@ class DemoResult:
     seconds: dict[str, float]
 
 
-def check_demo_recipe(recipe: Recipe, overrides: list[str]) -> None:
-    """Refuse ``--set`` keys of sections the demo does not use (they would be silently ignored)."""
-    unused = [o for o in overrides if o.split("=", 1)[0].split(".")[0] not in USED_SECTIONS]
+def check_demo_recipe(overrides: list[str]) -> None:
+    """Refuse ``--set`` keys of sections the demo does not read itself (they would be silently ignored)."""
+    unused = sorted({o.split("=", 1)[0] for o in overrides if o.split("=", 1)[0].split(".")[0] not in USED_SECTIONS})
     if unused:
-        raise RclipError(f"rclip demo does not use {', '.join(sorted({u.split('=')[0] for u in unused}))}; "
-                         f"it reads the sections {', '.join(USED_SECTIONS)}")
-    if recipe.model.variant != "tiny":
-        raise RclipError(f"rclip demo trains the tiny CLIP from scratch on CPU; model.variant {recipe.model.variant!r}"
-                         " is not supported here")
+        raise RclipError(f"rclip demo does not read {', '.join(unused)} itself: its stages have their own recipes; "
+                         "use --set 'demo.teacher_set=[\"pretrain.steps=100\"]' (or rpn_set, student_set)")
+
+
+def stage_recipe(name: str, overrides: list[str], *, stage: str) -> Recipe:
+    """A stage's recipe (shipped name or file) with its ``demo.<stage>_set`` overrides."""
+    from rclip_core.recipes import load_recipe
+
+    try:
+        return load_recipe(name, overrides)
+    except RclipError as e:
+        raise RclipError(f"demo {stage} stage: {e}") from None
 
 
 def score(gt_json: Path, dets: list[dict]) -> StageScore:
@@ -100,62 +114,166 @@ def zero_shot_on(clip: torch.nn.Module, recipe: Recipe, instances: Path, images_
     return results
 
 
-def run_demo(recipe: Recipe, out: str | Path, *, device: str = "cpu", force: bool = False,
-             progress: ProgressFactory | None = None) -> DemoResult:
-    """Run the chain of the module docstring under ``out``.
+def build_concepts(captions: Path, clip: torch.nn.Module, out: Path, *, min_freq: int) -> list[str]:
+    """``rclip vocab build`` + ``rclip embed``: nouns of the captions seen ``min_freq`` times, embedded with
+    ``clip``'s text tower into ``out`` (``concepts.txt`` beside it)."""
+    from rclip_core import vocab as V
+    from rclip_core.text_embed import SINGLE_TEMPLATE, embed_names, save_embeddings
+    from rclip_core.text_encoder import TextEncoder
 
-    Args:
-        recipe: the demo recipe (``recipes/demo_tiny_toyworld.yaml`` and ``--set``).
-        out: the run folder.
-        force: replace this chain's own earlier outputs (nothing else in ``out`` is touched).
-        progress: ``progress(description, total)`` → a context manager yielding an engine hook (a progress bar).
-    """
-    import time
+    vocabulary = V.build_vocabulary([captions], V.load_extractor(), min_freq=min_freq)
+    if not vocabulary.concepts:
+        raise RclipError(f"{captions}: no concept is seen {min_freq} times (demo.vocab_min_freq)")
+    V.write_vocabulary(vocabulary, out.with_suffix(".txt"), force=True)
+    save_embeddings(embed_names(TextEncoder(clip), vocabulary.concepts, templates=[SINGLE_TEMPLATE]), out,
+                    force=True)
+    return vocabulary.concepts
 
-    from rclip_core.clip_backbone import create_clip
+
+@dataclass
+class ToyWorld:
+    web: object  # toyworld.ToyWorldPaths
+    train: object
+    val: object
+
+
+def make_world(recipe: Recipe, out: Path, *, force: bool) -> ToyWorld:
+    """Stage 1: the web images, training scenes and held-out scenes under ``out/toyworld``."""
     from rclip_core.data.toyworld import generate_toyworld
-    from rclip_core.io import check_writable
-    from rclip_core.pretrain import run_pretrain
-
-    out = Path(out)
-    teacher_dir = out / "teacher"
-    outputs = [out / "demo.png", out / "metrics.json", out / "dets_teacher.json", teacher_dir / "checkpoint.pt"]
-    for p in outputs:
-        check_writable(p, force=force)
-    bar = progress or (lambda description, total: contextlib.nullcontext(None))
-    seconds: dict[str, float] = {}
-    t0 = time.perf_counter()
 
     tw = recipe.toyworld
     world = out / "toyworld"
-    kw = {"image_size": tw.image_size, "max_objects": tw.max_objects, "force": force}
-    train = generate_toyworld(world, num_images=tw.num_train, seed=tw.seed, prefix="train", **kw)
-    val = generate_toyworld(world, num_images=tw.num_val, seed=tw.seed + 1, prefix="val", **kw)
-    log.info("toy world: %d training and %d held-out scenes in %s", tw.num_train, tw.num_val, world)
-    seconds["toyworld"] = time.perf_counter() - t0
+    kw = {"image_size": tw.image_size, "size_scale": tw.size_scale, "force": force}
+    web = generate_toyworld(world, num_images=tw.num_web, seed=tw.seed + 100, prefix="web", max_objects=1, **kw)
+    train = generate_toyworld(world, num_images=tw.num_train, seed=tw.seed, prefix="train",
+                              max_objects=tw.max_objects, **kw)
+    val = generate_toyworld(world, num_images=tw.num_val, seed=tw.seed + 1, prefix="val", max_objects=tw.max_objects,
+                            **kw)
+    log.info("toy world: %d web images, %d training and %d held-out scenes in %s", tw.num_web, tw.num_train,
+             tw.num_val, world)
+    return ToyWorld(web, train, val)
+
+
+def _hooks(h) -> list:
+    return [h] if h is not None else []
+
+
+def train_teacher(recipe: Recipe, world: ToyWorld, out_dir: Path, *, device: str, bar: ProgressFactory,
+                  overrides: list[str] = ()) -> Path:
+    """Stage 2: image-text training from scratch on the web captions; returns the checkpoint."""
+    from rclip_core.pretrain import run_pretrain
+
+    teacher_recipe = stage_recipe(recipe.demo.teacher, [*recipe.demo.teacher_set, *overrides], stage="teacher")
+    p = teacher_recipe.pretrain
+    p.captions, p.images, p.seed = str(world.web.captions_json), str(world.web.images_dir), recipe.toyworld.seed
+    with bar("2/5 teacher: image-text", p.steps) as h:
+        run_pretrain(teacher_recipe, out_dir=out_dir, device=device, hooks=_hooks(h))
+    return out_dir / "checkpoint.pt"
+
+
+def train_toy_rpn(recipe: Recipe, world: ToyWorld, out_dir: Path, *, device: str, bar: ProgressFactory,
+                  overrides: list[str] = ()) -> Path:
+    """Stage 4: the RPN on the base shapes' boxes of the training scenes; returns the checkpoint."""
+    from rclip_core.data.coco import DetectionDataset
+    from rclip_core.recipes import recipe_to_dict
+    from rclip_core.rpn.data import load_training_records
+    from rclip_core.rpn.model import build_rpn
+    from rclip_core.rpn.training import train_rpn
+
+    rpn_recipe = stage_recipe(recipe.demo.rpn, [*recipe.demo.rpn_set, *overrides], stage="rpn")
+    cfg = rpn_recipe.rpn
+    cfg.train.seed = recipe.toyworld.seed
+    data = load_training_records(world.train.instances_json, categories=cfg.train.categories)
+    rpn = build_rpn(cfg, seed=cfg.train.seed)  # the random initialisation follows the run's seed
+    dataset = DetectionDataset(data.records, world.train.images_dir, min_sizes=cfg.train.min_sizes,
+                               max_size=cfg.train.max_size, hflip=cfg.train.hflip)
+    with bar("3/5 RPN on base shapes", cfg.train.steps) as h:
+        train_rpn(rpn, dataset, cfg.train, recipe=recipe_to_dict(rpn_recipe), out_dir=out_dir, device=device,
+                  hooks=_hooks(h))
+    return out_dir / "checkpoint.pt"
+
+
+def train_student(recipe: Recipe, world: ToyWorld, out_dir: Path, *, teacher: Path, concepts: Path, rpn: Path,
+                  device: str, bar: ProgressFactory, overrides: list[str] = ()) -> Path:
+    """Stage 5: region pretraining from the teacher on the training scenes; returns the checkpoint."""
+    from rclip_core.pretrain import run_pretrain
+
+    student_recipe = stage_recipe(recipe.demo.student, [*recipe.demo.student_set, *overrides], stage="student")
+    student_recipe.model.weights = str(teacher)
+    p = student_recipe.pretrain
+    p.captions, p.images, p.seed = str(world.train.captions_json), str(world.train.images_dir), recipe.toyworld.seed
+    p.concepts, p.rpn = str(concepts), str(rpn)
+    with bar("4/5 student: region pretraining", p.steps) as h:
+        run_pretrain(student_recipe, out_dir=out_dir, device=device, hooks=_hooks(h))
+    return out_dir / "checkpoint.pt"
+
+
+def evaluate_model(checkpoint: Path, recipe: Recipe, world: ToyWorld, out_json: Path, *, device: str
+                   ) -> tuple[list[dict], StageScore]:
+    """Stage 6: zero-shot GT-box detections of the held-out scenes and their scores."""
+    from rclip_core.clip_backbone import create_clip
+
+    dets = zero_shot_on(create_clip(None, str(checkpoint)), recipe, world.val.instances_json, world.val.images_dir,
+                        out_json, device=device)
+    return dets, score(world.val.instances_json, dets)
+
+
+def run_demo(recipe: Recipe, out: str | Path, *, device: str = "cpu", force: bool = False,
+             progress: ProgressFactory | None = None, max_steps: int | None = None) -> DemoResult:
+    """Run the chain of the module docstring under ``out``.
+
+    Args:
+        recipe: the demo recipe (``demo_tiny_toyworld`` and ``--set``); its ``demo`` section names the stages'.
+        out: the run folder.
+        force: replace this chain's own earlier outputs (nothing else in ``out`` is touched).
+        progress: ``progress(description, total)`` → a context manager yielding an engine hook (a progress bar).
+        max_steps: cap every training stage at this many steps (a quick smoke run).
+    """
+    from rclip_core.clip_backbone import create_clip
+    from rclip_core.io import check_writable, write_json
+
+    out = Path(out)
+    cap = [f"pretrain.steps={max_steps}"] if max_steps else []
+    for stage, name, sets in (("teacher", recipe.demo.teacher, recipe.demo.teacher_set),
+                              ("rpn", recipe.demo.rpn, recipe.demo.rpn_set),
+                              ("student", recipe.demo.student, recipe.demo.student_set)):
+        stage_recipe(name, list(sets), stage=stage)  # refuse a bad stage recipe before any work
+    for p in (out / n for n in ("demo.png", "metrics.json", "dets_teacher.json", "dets_student.json", "concepts.pt",
+                                "concepts.txt", "teacher/checkpoint.pt", "rpn/checkpoint.pt",
+                                "student/checkpoint.pt")):
+        check_writable(p, force=force, create_parent=False)
+    bar = progress or (lambda description, total: contextlib.nullcontext(None))
+    seconds: dict[str, float] = {}
 
     t = time.perf_counter()
-    recipe.pretrain.captions, recipe.pretrain.images = str(train.captions_json), str(train.images_dir)
-    with bar("teacher: image-text", recipe.pretrain.steps) as hook:
-        run_pretrain(recipe, out_dir=teacher_dir, device=device, hooks=[hook] if hook else [])
-    seconds["teacher"] = time.perf_counter() - t
-    teacher = create_clip("tiny", str(teacher_dir / "checkpoint.pt"))
+    world = make_world(recipe, out, force=force)
+    seconds["toyworld"], t = time.perf_counter() - t, time.perf_counter()
+    teacher = train_teacher(recipe, world, out / "teacher", device=device, bar=bar, overrides=cap)
+    seconds["teacher"], t = time.perf_counter() - t, time.perf_counter()
+    concepts = build_concepts(world.train.captions_json, create_clip(None, str(teacher)), out / "concepts.pt",
+                              min_freq=recipe.demo.vocab_min_freq)
+    log.info("concept pool: %d concepts (%s)", len(concepts), ", ".join(concepts[:12]))
+    seconds["concepts"], t = time.perf_counter() - t, time.perf_counter()
+    rpn = train_toy_rpn(recipe, world, out / "rpn", device=device, bar=bar,
+                        overrides=[f"rpn.train.steps={max_steps}"] if max_steps else [])
+    seconds["rpn"], t = time.perf_counter() - t, time.perf_counter()
+    student = train_student(recipe, world, out / "student", teacher=teacher, concepts=out / "concepts.pt", rpn=rpn,
+                            device=device, bar=bar, overrides=cap)
+    seconds["student"], t = time.perf_counter() - t, time.perf_counter()
+    dets, scores = {}, {}
+    for name, ckpt in (("teacher", teacher), ("student", student)):
+        dets[name], scores[name] = evaluate_model(ckpt, recipe, world, out / f"dets_{name}.json", device=device)
+    seconds["evaluation"] = time.perf_counter() - t
+    write_json(out / "metrics.json", {k: v.__dict__ for k, v in scores.items()} | {"seconds": seconds,
+                                                                                    "concepts": concepts})
+    picture = draw_demo(world.val, dets, scores, out / "demo.png")
+    return DemoResult(out=out, scores=scores, picture=picture, seconds=seconds)
 
-    t = time.perf_counter()
-    dets = zero_shot_on(teacher, recipe, val.instances_json, val.images_dir, out / "dets_teacher.json", device=device)
-    teacher_score = score(val.instances_json, dets)
-    seconds["zeroshot"] = time.perf_counter() - t
 
-    from rclip_core.io import write_json
-
-    write_json(out / "metrics.json", {"teacher": teacher_score.__dict__, "seconds": seconds})
-    picture = draw_demo(val, {"teacher": dets}, out / "demo.png")
-    return DemoResult(out=out, scores={"teacher": teacher_score}, picture=picture, seconds=seconds)
-
-
-def draw_demo(val, dets_by_model: dict[str, list[dict]], path: Path, n: int = 8) -> Path:
+def draw_demo(val, dets_by_model: dict[str, list[dict]], scores: dict[str, StageScore], path: Path,
+              n: int = 6) -> Path:
     """Held-out scenes labelled by each model (one row per model): every GT box with the model's best class, green
-    when right, red when wrong (with the true name)."""
+    when right, red with the true name when wrong; each row titled with the model's held-out accuracy."""
     from PIL import Image
 
     from rclip_core.data.coco import load_detection_annotations
@@ -167,10 +285,12 @@ def draw_demo(val, dets_by_model: dict[str, list[dict]], path: Path, n: int = 8)
     names = {c["id"]: c["name"] for c in categories}
     tiles = []
     for model_name, dets in dets_by_model.items():
+        s = scores[model_name]
+        title = f"{model_name}: {100 * s.accuracy:.0f}% of held-out boxes right"
         for rec in records[:n]:
             image = read_image(val.images_dir / rec.file_name)
             tiles.append(draw_gt_verdicts(image, rec, [d for d in dets if d["image_id"] == rec.id], names,
-                                          title=model_name))
+                                          title=title, size=320))
     grid = tile(tiles, nrow=n)
     with atomic_open(path, "wb") as f:
         Image.fromarray(grid.permute(1, 2, 0).numpy()).save(f, format="PNG")

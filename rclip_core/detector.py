@@ -217,7 +217,7 @@ class RegionDetector(nn.Module):
 
     def __init__(self, transform: ImageNormalizer, backbone: CLIPTrunk, proposal_generator: nn.Module,
                  roi_heads: RegionHeads, *, score_fusion: ScoreFusion, score_thresh: float, nms_thresh: float,
-                 max_dets: int) -> None:
+                 max_dets: int, amp: str = "off") -> None:
         super().__init__()
         self.transform = transform
         self.backbone = backbone
@@ -225,6 +225,7 @@ class RegionDetector(nn.Module):
         self.roi_heads = roi_heads
         self.score_fusion = score_fusion
         self.score_thresh, self.nms_thresh, self.max_dets = score_thresh, nms_thresh, max_dets
+        self.amp = amp  # "off", "bf16" or "fp16": autocast of the forward pass in detect (scores stay float32)
 
     @property
     def classifier(self) -> CosineClassifier:
@@ -246,7 +247,15 @@ class RegionDetector(nn.Module):
         probs = self.classifier.probs(outputs.class_logits)
         return list(probs.split([int(b.shape[0]) for b in outputs.proposals]))
 
-    @torch.no_grad()
+    def _autocast(self):
+        import contextlib
+
+        if self.amp == "off":
+            return contextlib.nullcontext()
+        device = next(self.parameters()).device.type
+        return torch.autocast(device, dtype=torch.bfloat16 if self.amp == "bf16" else torch.float16)
+
+    @torch.inference_mode()
     def detect(self, batch: list[dict]) -> list[dict[str, Tensor]]:
         """Detections per image in resized-image pixels: ``{"boxes", "scores", "labels"}`` (see :func:`postprocess`)
         and ``"num_regions"``, how many regions were classified.
@@ -254,7 +263,9 @@ class RegionDetector(nn.Module):
         Regions are the output boxes (no box regression in zero-shot, as the original's NO_BOX_DELTA); proposal
         objectness is fused into the scores (``score_fusion``).
         """
-        out = self.forward(batch)
+        with self._autocast():
+            out = self.forward(batch)
+        out.class_logits = out.class_logits.float()
         dets = []
         for i, (boxes, probs) in enumerate(zip(out.proposals, self.region_probs(out))):
             obj = out.objectness[i] if out.objectness is not None else None
@@ -273,10 +284,12 @@ def build_region_detector(clip: nn.Module, class_embeddings: Tensor, recipe, pro
     from rclip_core.data.transforms import clip_normalizer
 
     visual = clip.visual
-    head = RegionHead(visual.layer4, visual.attnpool,
-                      pooler_resolution=pooler_resolution_for(recipe.model.variant, recipe.model.pooler_resolution))
     zs = recipe.zeroshot
+    head = RegionHead(visual.layer4, visual.attnpool,
+                      pooler_resolution=pooler_resolution_for(getattr(clip, "rclip_variant", recipe.model.variant),
+                                                              recipe.model.pooler_resolution), chunk=zs.roi_chunk)
     classifier = CosineClassifier(class_embeddings, temperature=zs.temperature, background=zs.background)
     return RegionDetector(clip_normalizer(recipe.input.pixel_mean, recipe.input.pixel_std), CLIPTrunk(visual),
                           proposal_generator, RegionHeads(head, classifier), score_fusion=zs.score_fusion,
-                          score_thresh=zs.score_thresh, nms_thresh=zs.nms_thresh, max_dets=zs.max_dets)
+                          score_thresh=zs.score_thresh, nms_thresh=zs.nms_thresh, max_dets=zs.max_dets,
+                          amp=zs.amp)

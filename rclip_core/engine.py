@@ -229,13 +229,24 @@ def _autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManag
     return contextlib.nullcontext()
 
 
-def resolve_amp(amp: str, device: torch.device) -> str:
-    """The AMP mode that applies on ``device``: fp16 needs CUDA; one WARNING line says so when it falls back."""
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX); elsewhere torch emulates it, slowly."""
+    try:
+        flags = open("/proc/cpuinfo", encoding="ascii", errors="ignore").read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_amp(amp: str, device: torch.device | str, *, what: str = "training") -> str:
+    """The AMP mode that applies on ``device``: fp16 needs CUDA, bf16 on the CPU needs native support; one
+    WARNING line says which fallback happened and why."""
+    device = torch.device(device)
     if amp == "fp16" and device.type != "cuda":
-        log.warning("amp fp16 needs a CUDA device; training in fp32 on %s", device)
+        log.warning("amp fp16 needs a CUDA device: %s in fp32 on %s", what, device)
         return "off"
-    if amp == "bf16" and device.type == "cpu" and not torch.backends.mkldnn.is_available():
-        log.warning("amp bf16 is not supported by this CPU build of torch; training in fp32")
+    if amp == "bf16" and device.type == "cpu" and not cpu_has_bf16():
+        log.warning("amp bf16: this CPU has no native bfloat16 (AVX512-BF16 / AMX): %s in fp32", what)
         return "off"
     return amp
 

@@ -17,13 +17,23 @@ from typing import IO, Any
 from rclip_core.errors import RclipError
 
 
-def check_writable(path: str | os.PathLike, *, force: bool) -> Path:
-    """Refuse to overwrite ``path`` unless ``force``; create its parent folder. Returns ``Path(path)``."""
+def check_writable(path: str | os.PathLike, *, force: bool, create_parent: bool = True) -> Path:
+    """Refuse to overwrite ``path`` unless ``force`` (or when it is a folder); create its parent folder unless
+    ``create_parent`` is False (a check before any work, so a refused run leaves no empty folder). Returns it."""
     p = Path(path)
+    if p.is_dir():
+        raise RclipError(f"{p} is a folder, not a file")
     if p.exists() and not force:
         raise RclipError(f"{p} already exists; pass --force to overwrite it")
-    p.parent.mkdir(parents=True, exist_ok=True)
+    if create_parent:
+        p.parent.mkdir(parents=True, exist_ok=True)
     return p
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 @contextlib.contextmanager
@@ -38,6 +48,8 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", *, force: bool = True)
     p = check_writable(path, force=force)
     fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
     try:
+        # mkstemp makes the file 0600; a finished output gets the mode any other new file would (the user's umask).
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
             yield f
         os.replace(tmp, p)

@@ -109,6 +109,10 @@ class PretrainModel(nn.Module):
                     m.requires_grad_(False)
         if not cfg.train_text:
             self.text.requires_grad_(False)
+        else:  # the text tower will change: a fingerprint read with the checkpoint would go stale
+            self.text._stored_fingerprint = None
+            if hasattr(student, "rclip_text_fingerprint"):
+                del student.rclip_text_fingerprint
         student.logit_scale.requires_grad_(cfg.learn_temperature)
 
     def train(self, mode: bool = True) -> PretrainModel:
@@ -295,10 +299,11 @@ def build_stage(recipe: Recipe, *, device: str | torch.device = "cpu", cache_pro
     from rclip_core.text_embed import load_embeddings
 
     check_inputs(recipe)
-    cfg, variant = recipe.pretrain, recipe.model.variant
+    cfg = recipe.pretrain
     source = open_captions(cfg.captions, cfg.images)
     source.check_images()
-    student = create_clip(variant, recipe.model.weights)
+    student = create_clip(recipe.model.variant, recipe.model.weights)
+    variant = recipe.model.variant = student.rclip_variant
     if cfg.scratch_init:
         reset_residual_scales(student)
     teacher = concepts = rpn = cache = None
@@ -325,7 +330,8 @@ def build_stage(recipe: Recipe, *, device: str | torch.device = "cpu", cache_pro
         variant, recipe.model.pooler_resolution), transform=clip_normalizer(recipe.input.pixel_mean,
                                                                              recipe.input.pixel_std),
         tokenizer=open_clip.get_tokenizer("RN50"), teacher=teacher, concepts=concepts, rpn=rpn)
-    dataset = CaptionDataset(source, min_sizes=cfg.min_sizes, max_size=cfg.max_size, proposals=cache)
+    dataset = CaptionDataset(source, min_sizes=cfg.min_sizes, max_size=cfg.max_size, proposals=cache,
+                             cache_images=cfg.cache_images)
     return model, dataset
 
 

@@ -23,6 +23,12 @@ import yaml
 
 from rclip_core.errors import RclipError
 
+
+def within(lo: float | None, hi: float | None) -> dict:
+    """Field metadata: the valid closed range of a number (None = unbounded); checked when a recipe is built."""
+    return {"range": (lo, hi)}
+
+
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
@@ -31,12 +37,13 @@ CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 class ModelCfg:
     """Which CLIP and which weights.
 
-    ``variant`` is a name from ``clip_backbone.VARIANTS`` (RN50, RN50x4, tiny). ``weights`` is an open_clip pretrained
-    tag (``openai``), a local ``.pt``/``.pth``/``.safetensors`` file (ours, OpenAI's, or a converted RegionCLIP one),
-    or ``null`` for random initialisation.
+    ``variant`` is a name from ``clip_backbone.VARIANTS`` (RN50, RN50x4, tiny), or ``null``: the variant the weights
+    file records (an rclip checkpoint's recipe) or its shapes identify, else RN50. ``weights`` is an open_clip
+    pretrained tag (``openai``), a local ``.pt``/``.pth``/``.safetensors`` file (ours, OpenAI's, or a converted
+    RegionCLIP one), or ``null`` for random initialisation.
     """
 
-    variant: str = "RN50"
+    variant: str | None = None
     weights: str | None = None
     # RoIAlign output size; null = the variant's native attention-pool grid × 2 (14 for RN50, 18 for RN50x4).
     pooler_resolution: int | None = None
@@ -46,8 +53,8 @@ class ModelCfg:
 class InputCfg:
     """Detection-style preprocessing (detectron2 ResizeShortestEdge at test time, CLIP normalisation)."""
 
-    min_size: int = 800
-    max_size: int = 1333
+    min_size: int = field(default=800, metadata=within(1, None))
+    max_size: int = field(default=1333, metadata=within(1, None))
     pixel_mean: list[float] = field(default_factory=lambda: list(CLIP_MEAN))
     pixel_std: list[float] = field(default_factory=lambda: list(CLIP_STD))
 
@@ -66,19 +73,30 @@ class TextCfg:
 class ZeroShotCfg:
     """Region classification and post-processing (regionclip_facts.md §3)."""
 
-    temperature: float = 0.01
+    temperature: float = field(default=0.01, metadata=within(1e-6, None))
     # Append the all-zero background embedding (logit 0) to the softmax, as the original does.
     background: bool = True
-    score_thresh: float = 0.001
-    nms_thresh: float = 0.5
-    max_dets: int = 100
+    score_thresh: float = field(default=0.001, metadata=within(0, 1))
+    nms_thresh: float = field(default=0.5, metadata=within(0, 1))
+    max_dets: int = field(default=100, metadata=within(1, None))
     # How RPN objectness joins class probability when proposals are given: sqrt(p * raw logit) as the original
     # ("raw_logit", can give NaN rows that are dropped, or scores above 1), sqrt(p * sigmoid) ("sigmoid"), or "none".
     score_fusion: Literal["raw_logit", "sigmoid", "none"] = "raw_logit"
     # Top-N proposals per image (by objectness) when proposals are given.
-    num_proposals: int = 1000
-    batch_size: int = 1
-    num_workers: int = 0
+    num_proposals: int = field(default=1000, metadata=within(1, None))
+    # Selective search (no objectness to rank by beyond OpenCV's order): the first N boxes. Not an original setting:
+    # fewer than an RPN's 1000 keeps a first run on a CPU to seconds per photo.
+    selective_search_topk: int = field(default=300, metadata=within(1, None))
+    batch_size: int = field(default=1, metadata=within(1, None))
+    # Image decoding and resizing in DataLoader workers, beside the model; null = one per spare core (at most 4).
+    num_workers: int | None = field(default=None, metadata=within(0, None))
+    # Speed (README "Benchmarks"): batch norms folded into convolutions and channels-last weights change the
+    # probabilities only by float rounding (tested within 1e-4), so they are on; regions go through res5 in chunks
+    # of roi_chunk (bounded memory); amp bf16/fp16 autocast is off by default (its effect is reported, not hidden).
+    fold_bn: bool = True
+    channels_last: bool = True
+    roi_chunk: int = field(default=128, metadata=within(1, None))
+    amp: Literal["off", "bf16", "fp16"] = "off"
 
 
 @dataclass
@@ -91,9 +109,9 @@ class SolverCfg:
     ``min_lr_ratio`` at ``steps`` (``cosine``).
     """
 
-    steps: int = 1000
+    steps: int = field(default=1000, metadata=within(1, None))
     # Images per step over all processes (each of N torchrun processes takes batch_size / N).
-    batch_size: int = 16
+    batch_size: int = field(default=16, metadata=within(1, None))
     optimizer: Literal["sgd", "adamw"] = "sgd"
     lr: float = 0.02
     momentum: float = 0.9  # sgd
@@ -119,13 +137,38 @@ class SolverCfg:
 
 @dataclass
 class ToyWorldCfg:
-    """The synthetic scenes of ``rclip_core.data.toyworld``."""
+    """The synthetic scenes of ``rclip_core.data.toyworld`` that ``rclip demo`` generates.
 
-    num_train: int = 1200
-    num_val: int = 150
-    image_size: int = 128
-    max_objects: int = 6
+    ``web``: photo-like single-object images with captions, what the teacher learns from (as CLIP learns from web
+    photos); ``train``: multi-object scenes with captions and boxes, what region pretraining and the RPN see;
+    ``val``: held-out multi-object scenes.
+    """
+
+    num_web: int = field(default=1200, metadata=within(1, None))
+    num_train: int = field(default=600, metadata=within(1, None))
+    num_val: int = field(default=150, metadata=within(1, None))
+    image_size: int = field(default=128, metadata=within(32, None))
+    max_objects: int = field(default=6, metadata=within(1, 9))
+    # Object radii as a multiple of toyworld.SIZE_RANGES: at 1.5 a tiny CNN trained for a few hundred steps tells
+    # the shapes apart (at 1.0 the smallest shapes are a single res4 cell and a supervised tiny net reached 46 %
+    # on whole single-object images in 300 steps, against 82 % at 1.5).
+    size_scale: float = field(default=1.5, metadata=within(0.2, 3))
     seed: int = 0
+
+
+@dataclass
+class DemoCfg:
+    """How ``rclip demo`` chains its stages: each stage's recipe (a shipped name or a file) and the concept pool."""
+
+    teacher: str = "pretrain_tiny_toyworld_teacher"
+    rpn: str = "rpn_r10c4_toyworld_base"
+    student: str = "pretrain_tiny_toyworld"
+    # Concepts kept from the training captions (`rclip vocab build --min-freq`).
+    vocab_min_freq: int = field(default=5, metadata=within(1, None))
+    # Overrides for one stage's recipe, e.g. ["pretrain.steps=100"] (the demo's --set applies to its own sections).
+    teacher_set: list[str] = field(default_factory=list)
+    rpn_set: list[str] = field(default_factory=list)
+    student_set: list[str] = field(default_factory=list)
 
 
 # detectron2's input convention for its (MSRA, caffe-style) ResNets: BGR order, 0-255 pixels, mean only.
@@ -137,8 +180,8 @@ class RpnTrainCfg(SolverCfg):
     """Training the RPN on base-category boxes (detectron2's Base-RCNN solver, as the original's RPNs were trained:
     configs/Base-RCNN-{C4,FPN}.yaml, regionclip_facts.md §1.2): SGD with momentum, linear warm-up, step decay."""
 
-    steps: int = 90000  # SOLVER.MAX_ITER
-    batch_size: int = 16  # SOLVER.IMS_PER_BATCH
+    steps: int = field(default=90000, metadata=within(1, None))  # SOLVER.MAX_ITER
+    batch_size: int = field(default=16, metadata=within(1, None))  # SOLVER.IMS_PER_BATCH
     lr: float = 0.02  # SOLVER.BASE_LR
     lr_steps: list[int] = field(default_factory=lambda: [60000, 80000])
     checkpoint_every: int = 5000
@@ -183,7 +226,7 @@ class RpnCfg:
     pre_nms_topk_test: int | None = None
     post_nms_topk_train: int | None = None
     post_nms_topk_test: int = 1000
-    nms_thresh: float = 0.7
+    nms_thresh: float = field(default=0.7, metadata=within(0, 1))
     # Proposals must be wider and taller than this (input pixels) after clipping.
     min_box_size: float = 0.0
     # Input: the same resized image as the CLIP branch, channels in this order, (x - mean) / std on 0-255 pixels.
@@ -212,8 +255,8 @@ class PretrainCfg(SolverCfg):
     ``train_text`` also trains the text tower (how the toy world's teacher is trained from scratch, as CLIP is).
     """
 
-    steps: int = 600000
-    batch_size: int = 96
+    steps: int = field(default=600000, metadata=within(1, None))
+    batch_size: int = field(default=96, metadata=within(1, None))
     lr: float = 0.002
     lr_steps: list[int] = field(default_factory=lambda: [300000, 525000])
     grad_clip: float = 5.0
@@ -226,6 +269,8 @@ class PretrainCfg(SolverCfg):
     # INPUT.MIN_SIZE_TRAIN); no flip (captions may say "left of").
     min_sizes: list[int] = field(default_factory=lambda: [640, 672, 704, 736, 768, 800])
     max_size: int = 1333
+    # Keep decoded, resized images in memory: for small sets read many times (the toy world), not for CC3M.
+    cache_images: bool = False
     # --- teacher and concept pool (an `rclip embed` file of the teacher's text tower); null = no region losses.
     concepts: str | None = None
     # Teacher weights; null = model.weights (the student and the teacher start from the same CLIP, as the original).
@@ -233,13 +278,14 @@ class PretrainCfg(SolverCfg):
     # --- regions: "rpn" (an RPN checkpoint from `rclip rpn train/convert`) or "random" boxes (the original's RANDOM).
     regions: Literal["rpn", "random"] = "rpn"
     rpn: str | None = None
-    rpn_nms_thresh: float = 0.5  # OFFLINE_RPN_NMS_THRESH
-    rpn_topk: int = 300  # PRETRAIN_RPN_REGIONS
-    regions_per_image: int = 100  # PRETRAIN_SAMPLE_REGIONS: drawn at random from the RPN's top boxes
+    rpn_nms_thresh: float = field(default=0.5, metadata=within(0, 1))  # OFFLINE_RPN_NMS_THRESH
+    rpn_topk: int = field(default=300, metadata=within(1, None))  # PRETRAIN_RPN_REGIONS
+    # PRETRAIN_SAMPLE_REGIONS: drawn at random from the RPN's top boxes.
+    regions_per_image: int = field(default=100, metadata=within(1, None))
     # --- losses (pure functions in rclip_core.losses); a weight of 0 turns a loss off.
     temperature: float = 0.01  # MATCHING_TEMP / CLSS_TEMP of the student's losses
     teacher_temperature: float = 0.01  # the pseudo-label softmax
-    concept_thresh: float = 0.1  # CONCEPT_THRES
+    concept_thresh: float = field(default=0.1, metadata=within(0, 1))  # CONCEPT_THRES
     loss_region_distill: float = 1.0
     loss_concept_contrastive: float = 1.0
     loss_image_text: float = 1.0
@@ -274,6 +320,7 @@ class Recipe:
     pretrain: PretrainCfg = field(default_factory=PretrainCfg)
     toyworld: ToyWorldCfg = field(default_factory=ToyWorldCfg)
     rpn: RpnCfg = field(default_factory=RpnCfg)
+    demo: DemoCfg = field(default_factory=DemoCfg)
 
 
 T = TypeVar("T")
@@ -341,7 +388,20 @@ def _build(cls: type[T], data: dict, path: str = "") -> T:
             raise RclipError(f"unknown recipe key '{dotted}'; valid keys{' under ' + path if path else ''}: "
                              f"{', '.join(fields)}")
         kwargs[key] = _coerce(value, fields[key], dotted)
+        lo, hi = _field_range(cls, key)
+        v = kwargs[key]
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and (
+                (lo is not None and v < lo) or (hi is not None and v > hi) or v != v):
+            shown = f"[{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}]"
+            raise RclipError(f"recipe key '{dotted}' must be in {shown}, got {v!r}")
     return cls(**kwargs)
+
+
+def _field_range(cls: type, name: str) -> tuple[float | None, float | None]:
+    for f in dataclasses.fields(cls):
+        if f.name == name:
+            return f.metadata.get("range", (None, None))
+    return None, None
 
 
 def recipe_from_dict(data: dict | None, cls: type[T] = Recipe) -> T:

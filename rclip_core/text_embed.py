@@ -24,6 +24,8 @@ from rclip_core.errors import RclipError
 
 log = logging.getLogger(__name__)
 
+BUILTIN_LISTS = ("coco80", "coco65", "coco48", "coco17", "lvis1203", "lvis866")
+
 SINGLE_TEMPLATE = "a photo of a {}."
 
 # The original release's 81 prompts: "{}." and CLIP's 80 ImageNet templates (clip_prompt_utils.get_prompt_templates).
@@ -235,10 +237,60 @@ def builtin_names(which: str) -> tuple[list[str], list[int]]:
     return [c["name"] for c in cats], [int(c["id"]) for c in cats]
 
 
-BUILTIN_LISTS = ("coco80", "coco65", "coco48", "coco17", "lvis1203", "lvis866")
-
 
 def dedupe(names: Iterable[str]) -> list[str]:
-    """Drop repeated names, keeping the first occurrence (a repeated class would split its probability)."""
+    """Drop repeated names, keeping the first occurrence (a repeated class would split its probability). Names are
+    compared after cleaning and case-folding ("Traffic_Light" repeats "traffic light"); each drop is logged."""
+    names = list(names)
+    return [names[i] for i in _first_occurrences(names)]
+
+
+def _first_occurrences(names: list[str]) -> list[int]:
     seen: set[str] = set()
-    return [n for n in names if not (n in seen or seen.add(n))]
+    keep = []
+    for i, n in enumerate(names):
+        key = clean_name(n).casefold()
+        if key in seen:
+            log.warning("class name %r repeats an earlier one; it is kept once", n)
+            continue
+        seen.add(key)
+        keep.append(i)
+    return keep
+
+
+@dataclass
+class ClassList:
+    """Class names with their category ids (None when the source has none) and where they came from."""
+
+    names: list[str]
+    category_ids: list[int] | None
+    source: str
+
+
+def resolve_classes(spec: str) -> ClassList:
+    """``--classes``: a built-in list name (``coco80``, ``lvis1203``, ...), a names file (one per line), a COCO/LVIS
+    annotation ``.json`` (its categories, ids kept), or a comma-separated list ("cat,dog,traffic light"). Repeated
+    names (after cleaning, case-folded) are kept once, with a warning.
+
+    Raises:
+        RclipError: an empty list, or a file that cannot be read.
+    """
+    spec = spec.strip()
+    ids: list[int] | None = None
+    if spec in BUILTIN_LISTS or spec.startswith("builtin:"):
+        spec = spec.removeprefix("builtin:")
+        names, ids = builtin_names(spec)
+        source = f"built-in list {spec}"
+    elif spec.lower().endswith(".json") and "," not in spec:
+        names, ids = categories_from_json(spec)
+        source = f"categories of {spec}"
+    elif Path(spec).is_file():
+        names, source = names_from_text(spec), f"names file {spec}"
+    elif spec.lower().endswith((".txt", ".json")) and "," not in spec:
+        raise RclipError(f"--classes: names file not found: {spec}")
+    else:
+        names, source = [c.strip() for c in spec.split(",") if c.strip()], "the --classes list"
+    if not names:
+        raise RclipError("--classes: the class list is empty")
+    keep = _first_occurrences(names)
+    return ClassList([names[i] for i in keep], [ids[i] for i in keep] if ids is not None else None, source)

@@ -14,6 +14,24 @@ import hashlib
 import torch
 from torch import Tensor, nn
 
+# The text tower's parameters, by their names in an open_clip CLIP state dict (and in TextEncoder's own).
+TEXT_PREFIXES = ("token_embedding.", "positional_embedding", "transformer.", "ln_final.", "text_projection")
+
+
+def text_fingerprint(state: dict[str, torch.Tensor]) -> str | None:
+    """The text-tower fingerprint (``D<dim>-<hash>``) of a CLIP state dict or a :class:`TextEncoder`'s, from the
+    tensors alone (no model needs to be built); None when the state has no text tower."""
+    items = sorted((k, v) for k, v in state.items() if k.startswith(TEXT_PREFIXES))
+    proj = state.get("text_projection")
+    if not items or proj is None:
+        return None
+    h = hashlib.sha256()
+    for name, tensor in items:
+        h.update(name.encode())
+        h.update(str(tuple(tensor.shape)).encode())
+        h.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return f"D{int(proj.shape[1])}-{h.hexdigest()[:16]}"
+
 
 class TextEncoder(nn.Module):
     """Encode prompts with the text tower of an open_clip ``CLIP`` (modules are shared, not copied).
@@ -39,21 +57,23 @@ class TextEncoder(nn.Module):
         self.ln_final = clip.ln_final
         self.text_projection = clip.text_projection
         self.register_buffer("attn_mask", clip.attn_mask, persistent=False)
-        if tokenizer is None:
+        self._tokenizer = tokenizer
+        self.out_dim = int(clip.text_projection.shape[1])  # D
+        self._stored_fingerprint: str | None = getattr(clip, "rclip_text_fingerprint", None)
+
+    @property
+    def tokenizer(self):
+        """The tokenizer, built on first use (checking an embedding file's fingerprint needs none)."""
+        if self._tokenizer is None:
             import open_clip
 
-            tokenizer = open_clip.get_tokenizer("RN50")
-        self.tokenizer = tokenizer
-        self.out_dim = int(clip.text_projection.shape[1])  # D
+            self._tokenizer = open_clip.get_tokenizer("RN50")
+        return self._tokenizer
 
     def fingerprint(self) -> str:
-        """A short hash of the text tower's weights: embedding files record it so a mismatched model is caught."""
-        h = hashlib.sha256()
-        for name, tensor in sorted(self.state_dict().items()):
-            h.update(name.encode())
-            h.update(str(tuple(tensor.shape)).encode())
-            h.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-        return f"D{self.out_dim}-{h.hexdigest()[:16]}"
+        """A short hash of the text tower's weights: embedding files record it so a mismatched model is caught.
+        Read from the checkpoint when it stores one (written with the checkpoint), else computed."""
+        return self._stored_fingerprint or text_fingerprint(self.state_dict())
 
     def encode_tokens(self, tokens: Tensor, *, truncate: bool = True) -> Tensor:
         """Token ids (N, L) → un-normalised EOT features (N, D).

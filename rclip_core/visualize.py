@@ -137,9 +137,13 @@ def render(image: Image.Image, dets: list[dict], names: dict[int, str], *, zoom:
 
 
 def draw_gt_verdicts(image: Image.Image, record, dets: list[dict], names: dict[int, str], *,
-                     title: str | None = None, size: int = 256) -> Tensor:
+                     title: str | None = None, size: int = 256, is_right=None,
+                     true_names: dict[int, str] | None = None) -> Tensor:
     """Each ground-truth box of ``record`` with the best class the model gave it: green when right, red when wrong
     (the label then reads ``predicted (true: name)``). The picture is zoomed to about ``size`` pixels.
+
+    ``is_right(pred_id, true_id)`` decides a verdict (default: equal ids); ``true_names`` names the true ids
+    (default ``names``).
 
     Returns:
         (3, H, W) uint8.
@@ -154,10 +158,11 @@ def draw_gt_verdicts(image: Image.Image, record, dets: list[dict], names: dict[i
     for box, cat in zip(record.gt_boxes.tolist(), record.gt_labels.tolist()):
         key = tuple(round(v, 3) for v in xyxy_to_xywh(torch.tensor([box], dtype=torch.float64))[0].tolist())
         pred = best.get(key)
-        right = pred is not None and int(pred["category_id"]) == int(cat)
+        right = pred is not None and (is_right(int(pred["category_id"]), int(cat)) if is_right is not None
+                                      else int(pred["category_id"]) == int(cat))
         pred_name = names.get(int(pred["category_id"]), "?") if pred is not None else "none"
         boxes.append([zoom * v for v in box])
-        labels.append(pred_name if right else f"{pred_name} (true: {names.get(int(cat), cat)})")
+        labels.append(pred_name if right else f"{pred_name} (true: {(true_names or names).get(int(cat), cat)})")
         colors.append(RIGHT if right else WRONG)
     out = draw_labeled_boxes(_zoomed(image.convert("RGB"), zoom), boxes, labels, colors)
     if title:
@@ -190,20 +195,32 @@ def picture_names(file_names: list[str]) -> list[str]:
 
 def render_pictures(records, image_dir, results: list[dict], names: dict[int, str], out_dir, *,
                     score_thresh: float, topk: int | None, one_per_box: bool, skipped_ids: set[int],
-                    force: bool, notice: str | None = None) -> tuple[list[dict], int]:
+                    force: bool, notice: str | None = None, gt_names: dict[int, str] | None = None
+                    ) -> tuple[list[dict], int]:
     """Draw each record's detections and write ``out_dir/<name>.png`` atomically (see :func:`picture_names`).
 
+    With ``gt_names`` (annotation category id → name; GT-box mode) every ground-truth box is drawn with its best
+    class, green when that name is the box's true category, red with the true name otherwise.
+
     Returns:
-        (HTML entries ``{"image", "source", "labels"}`` for :func:`html_index`, images without detections drawn).
+        (entries for :func:`html_index`, images without detections drawn).
     """
     from rclip_core.data.transforms import read_image
     from rclip_core.io import atomic_open
+    from rclip_core.text_embed import clean_name
 
     by_image: dict[int, list[dict]] = {}
     for d in results:
         by_image.setdefault(d["image_id"], []).append(d)
     pngs = dict(zip((r.id for r in records), picture_names([r.file_name for r in records])))
     entries, empty = [], 0
+    if gt_names is not None:
+        # Verdicts compare names: classes are numbered by row, the annotation file has its own ids.
+        truth = {i: clean_name(n).casefold() for i, n in gt_names.items()}
+        by_name = {k: clean_name(n).casefold() for k, n in names.items()}
+
+        def is_right(pred: int, true: int) -> bool:
+            return by_name.get(pred) == truth.get(true)
     for rec in records:
         if rec.id in skipped_ids:
             continue
@@ -211,27 +228,98 @@ def render_pictures(records, image_dir, results: list[dict], names: dict[int, st
                                  one_per_box=one_per_box)
         empty += not dets
         image = read_image(Path(image_dir) / rec.file_name)
+        if gt_names is not None:
+            picture = draw_gt_verdicts(image, rec, by_image.get(rec.id, []), names, is_right=is_right,
+                                       true_names=gt_names)
+            pil = Image.fromarray(picture.permute(1, 2, 0).numpy())
+            pil = draw_banner(pil, notice) if notice else pil
+        else:
+            pil = render(image, dets, names, zoom=max(1, 256 // max(image.size)), notice=notice)
         with atomic_open(Path(out_dir) / pngs[rec.id], "wb", force=force) as f:
-            render(image, dets, names, zoom=max(1, 256 // max(image.size)), notice=notice).save(f, format="PNG")
-        entries.append({"image": pngs[rec.id], "source": str(rec.file_name),
+            pil.save(f, format="PNG")
+        shown = select_detections(by_image.get(rec.id, []), score_thresh=0.0, topk=100,
+                                  one_per_box=one_per_box)
+        entries.append({"image": pngs[rec.id], "source": str(rec.file_name), "size": list(image.size),
+                        "thumbnail": _thumbnail_uri(image),
+                        "detections": [{"name": names.get(d["category_id"], str(d["category_id"])),
+                                        "score": round(float(d["score"]), 4), "bbox": d["bbox"]} for d in shown],
                         "labels": [f"{names.get(d['category_id'], d['category_id'])} {d['score']:.2f}" for d in dets]})
     return entries, empty
 
 
-def html_index(entries: list[dict], title: str = "rclip detections") -> str:
-    """An HTML page showing every output picture with its detections.
+def _thumbnail_uri(image: Image.Image, side: int = 420) -> str:
+    """The picture without boxes as a JPEG data URI (the page draws boxes itself, so the slider can change them)."""
+    import base64
+    import io
+
+    thumb = image.convert("RGB").copy()
+    thumb.thumbnail((side, side))
+    if max(thumb.size) < side // 2:  # toy scenes: enlarge crisply
+        z = max(1, side // 2 // max(thumb.size))
+        thumb = thumb.resize((thumb.width * z, thumb.height * z), Image.NEAREST)
+    buf = io.BytesIO()
+    thumb.save(buf, format="JPEG", quality=85)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+_PAGE_SCRIPT = """
+const slider = document.getElementById('thresh'), shown = document.getElementById('thresh-value');
+const filter = document.getElementById('cls');
+function update() {
+  const t = parseFloat(slider.value), c = filter.value;
+  shown.textContent = t.toFixed(2);
+  document.querySelectorAll('[data-score]').forEach(el => {
+    const on = parseFloat(el.dataset.score) >= t && (c === '' || el.dataset.name === c);
+    el.style.display = on ? '' : 'none';
+  });
+}
+slider.addEventListener('input', update); filter.addEventListener('change', update); update();
+"""
+
+
+def html_index(entries: list[dict], title: str = "rclip detections", *, source: str | None = None,
+               notice: str | None = None, score_thresh: float = 0.3) -> str:
+    """A self-contained HTML page: every picture as a thumbnail (a link to the full PNG, relative paths only) with
+    its boxes drawn by the page, a score-threshold slider and a per-class filter that work in the page itself.
 
     Args:
-        entries: ``{"image": relative path of the PNG, "source": original file, "labels": ["cat 0.91", ...]}``.
+        entries: from :func:`render_pictures` (``image``, ``source``, ``size``, ``thumbnail``, ``detections``).
+        source: the region source, said at the top; ``notice``: a warning banner (random weights).
     """
+    import json
     from html import escape
 
-    rows = []
+    classes = sorted({d["name"] for e in entries for d in e.get("detections", [])})
+    figures = []
     for e in entries:
-        labels = ", ".join(escape(x) for x in e["labels"]) or "<em>no detections</em>"
-        rows.append(f'<figure><img src="{escape(e["image"])}" loading="lazy"><figcaption><b>{escape(e["source"])}'
-                    f"</b><br>{labels}</figcaption></figure>")
+        w, h = e.get("size", [1, 1])
+        rects = []
+        for d in e.get("detections", []):
+            x, y, bw, bh = d["bbox"]
+            color = "#{:02x}{:02x}{:02x}".format(*class_color(sum(map(ord, d["name"]))))
+            label = escape(f"{d['name']} {d['score']:.2f}")
+            rects.append(f'<g data-score="{d["score"]}" data-name="{escape(d["name"])}"><rect x="{x}" y="{y}" '
+                         f'width="{bw}" height="{bh}" fill="none" stroke="{color}" stroke-width="{max(w, h) / 200:.1f}"'
+                         f'/><text x="{x}" y="{max(y - 2, 10)}" font-size="{max(10, min(w, h) / 25):.0f}" '
+                         f'fill="{color}" stroke="black" stroke-width="0.4">{label}</text></g>')
+        items = "".join(f'<li data-score="{d["score"]}" data-name="{escape(d["name"])}">{escape(d["name"])} '
+                        f'{d["score"]:.2f}</li>' for d in e.get("detections", []))
+        figures.append(
+            f'<figure><a href="{escape(e["image"])}" title="open the full picture"><div class="pic">'
+            f'<img src="{e.get("thumbnail", escape(e["image"]))}" alt="{escape(Path(e["source"]).name)}">'
+            f'<svg viewBox="0 0 {w} {h}" preserveAspectRatio="none">{"".join(rects)}</svg></div></a>'
+            f'<figcaption><b>{escape(Path(e["source"]).name)}</b><ul>{items or "<li>no detections</li>"}</ul>'
+            f"</figcaption></figure>")
+    options = "".join(f'<option value="{escape(c)}">{escape(c)}</option>' for c in classes)
     style = ("body{font-family:sans-serif;margin:1em}figure{display:inline-block;vertical-align:top;margin:.5em;"
-             "max-width:420px}img{max-width:420px;border:1px solid #ccc}figcaption{font-size:13px}")
+             "width:420px}.pic{position:relative}.pic img{width:100%;display:block;border:1px solid #ccc}"
+             ".pic svg{position:absolute;left:0;top:0;width:100%;height:100%}figcaption{font-size:13px}"
+             "ul{margin:.2em 0;padding-left:1.2em}.notice{background:#dc2828;color:#fff;padding:.5em;font-weight:bold}")
+    banner = f'<p class="notice">{escape(notice)}</p>' if notice else ""
+    about = f"<p>Regions: {escape(source)}.</p>" if source else ""
+    controls = (f'<p><label>score ≥ <input id="thresh" type="range" min="0" max="1" step="0.01" '
+                f'value="{score_thresh}"> <span id="thresh-value"></span></label> &nbsp; <label>class <select '
+                f'id="cls"><option value="">all</option>{options}</select></label></p>')
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{escape(title)}</title><style>{style}</style>"
-            f"</head><body><h1>{escape(title)}</h1>\n" + "\n".join(rows) + "\n</body></html>\n")
+            f"</head><body><h1>{escape(title)}</h1>{banner}{about}{controls}\n" + "\n".join(figures)
+            + f"\n<script>{_PAGE_SCRIPT}</script>\n<!-- {json.dumps(len(entries))} pictures -->\n</body></html>\n")

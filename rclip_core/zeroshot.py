@@ -6,7 +6,9 @@ Region sources (:class:`RegionSource`):
 
 - ``gt``: the ground-truth boxes of an annotation file (the paper's GT-box protocol);
 - ``proposals``: a proposals file (``rclip rpn propose``), the best ``zeroshot.num_proposals`` per image;
-- ``rpn``: an rclip / converted original RPN checkpoint, run on the same decoded, resized image.
+- ``rpn``: an rclip / converted original RPN checkpoint, run on the same decoded, resized image;
+- ``selective-search``: OpenCV's selective search, no weights at all (``region_sources.SelectiveSearch``);
+- ``torchvision-rpn``: torchvision's COCO Faster R-CNN RPN (``region_sources.TorchvisionRPN``).
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import torch
 from torch import nn
@@ -30,20 +31,8 @@ from rclip_core.data.coco import (
     load_detection_annotations,
 )
 from rclip_core.errors import RclipError
+from rclip_core.region_spec import RegionSource
 from rclip_core.summary import RunSummary
-
-SourceKind = Literal["gt", "proposals", "rpn"]
-
-
-@dataclass(frozen=True)
-class RegionSource:
-    """Where regions come from: ``kind`` and its file (annotations, proposals or RPN checkpoint)."""
-
-    kind: SourceKind
-    path: Path
-
-    def describe(self) -> str:
-        return {"gt": "ground-truth boxes of", "proposals": "proposals from", "rpn": "RPN"}[self.kind] + f" {self.path}"
 
 
 @dataclass
@@ -123,6 +112,14 @@ def build_proposal_generator(source: RegionSource, recipe) -> nn.Module:
         return GivenBoxes("boxes")
     if source.kind == "proposals":
         return GivenBoxes("proposals", topk=topk)
+    if source.kind == "selective-search":
+        from rclip_core.region_sources import SelectiveSearch
+
+        return SelectiveSearch(mode=source.option or "fast", topk=recipe.zeroshot.selective_search_topk)
+    if source.kind == "torchvision-rpn":
+        from rclip_core.region_sources import TorchvisionRPN, torchvision_rpn_weights
+
+        return TorchvisionRPN(torchvision_rpn_weights(source.path), topk=topk)
     from rclip_core.rpn import load_rpn
 
     return RPNProposals(load_rpn(source.path), topk=topk)
@@ -131,13 +128,23 @@ def build_proposal_generator(source: RegionSource, recipe) -> nn.Module:
 def run_zeroshot(clip: nn.Module, embeddings: torch.Tensor, images: ImageSet, source: RegionSource, recipe, *,
                  device: str | torch.device = "cpu", strict: bool = False,
                  progress: Callable[[int], None] | None = None) -> tuple[list[dict], RunSummary]:
-    """COCO results (original pixels) and the run summary for ``images`` with regions from ``source``."""
+    """COCO results (original pixels) and the run summary for ``images`` with regions from ``source``.
+
+    ``clip``'s visual tower is prepared for inference in place (``zeroshot.fold_bn``, ``channels_last``): the
+    caller hands over a model it will not train or save afterwards.
+    """
+    from rclip_core.clip_backbone import prepare_for_inference
     from rclip_core.detector import build_region_detector
+    from rclip_core.engine import default_num_workers, resolve_amp
     from rclip_core.inference import run_detection
 
+    zs = recipe.zeroshot
+    zs.amp = resolve_amp(zs.amp, device, what="inference")
+    if not getattr(clip, "rclip_folded", False):
+        prepare_for_inference(clip, fold_bn=zs.fold_bn, channels_last=zs.channels_last)
     detector = build_region_detector(clip, embeddings, recipe, build_proposal_generator(source, recipe))
     dataset = DetectionDataset(images.records, images.image_dir, min_sizes=recipe.input.min_size,
                                max_size=recipe.input.max_size)
-    zs = recipe.zeroshot
     return run_detection(detector, dataset, category_ids=images.category_ids, batch_size=zs.batch_size,
-                         num_workers=zs.num_workers, device=device, strict=strict, progress=progress)
+                         num_workers=default_num_workers(zs.num_workers), device=device, strict=strict,
+                         progress=progress)

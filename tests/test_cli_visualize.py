@@ -57,8 +57,45 @@ def test_bad_input(astronaut, tmp_path):
     base = ["visualize", str(astronaut["dir"]), "--variant", "tiny", "--out", str(tmp_path / "v")]
     res = CliRunner().invoke(cli, [*base, "--gt-boxes", str(astronaut["ann"]), "--classes", " , "])
     assert res.exit_code == 1 and "class list is empty" in res.output
-    res = CliRunner().invoke(cli, [*base, "--classes", "cat"])
-    assert res.exit_code == 1 and "region source" in res.output
+    res = CliRunner().invoke(cli, [*base, "--classes", "cat", "--regions", "magic"])
+    assert res.exit_code == 1 and "unknown region source 'magic'" in res.output
     res = CliRunner().invoke(cli, ["visualize", str(tmp_path / "nope"), "--gt-boxes", str(astronaut["ann"]),
                                    "--classes", "cat", "--variant", "tiny", "--out", str(tmp_path / "v")])
     assert res.exit_code == 1 and "no such image or folder" in res.output
+
+
+def test_first_run_on_a_photo_with_no_flag_but_the_image(tmp_path, monkeypatch):
+    """The usage line rclip is built around: ``rclip visualize photo.jpg`` on a package-shipped photo, no weights,
+    no RPN, no classes: selective search regions, the COCO-80 names, a default output folder in the working
+    directory, and the random-weights notice everywhere; then ``--classes`` with the HTML page."""
+    monkeypatch.chdir(tmp_path)
+    Image.fromarray(skimage_data.coffee()).save(tmp_path / "coffee.jpg", quality=95)  # 400 x 600
+    res = CliRunner().invoke(cli, ["visualize", "coffee.jpg"])
+    assert res.exit_code == 0, res.output
+    out = tmp_path / "rclip-vis"
+    assert sorted(p.name for p in out.iterdir()) == ["coffee.png", "detections.json"]
+    assert "selective search" in res.output and "80 classes" in res.output and "RANDOM WEIGHTS" in res.output
+    report = json.loads((out / "detections.json").read_text())
+    assert report["random_weights"] is True and len(report["classes"]) == 80 and report["summary"]["regions"] > 50
+    banner = np.asarray(Image.open(out / "coffee.png").convert("RGB"))[2:6, :200].reshape(-1, 3).mean(0)
+    assert banner[0] > 180 and banner[1] < 90  # the red notice across the top of the picture
+    again = CliRunner().invoke(cli, ["visualize", "coffee.jpg"])
+    assert again.exit_code == 1 and "already exists" in again.output  # never overwritten silently
+
+    # random weights score every class below the detector's 0.001 threshold: keep them all, to see them drawn
+    res = CliRunner().invoke(cli, ["visualize", "coffee.jpg", "--classes", "cup,saucer,spoon", "--score-thresh",
+                                   "0", "--topk", "3", "--html", "--force", "--set", "zeroshot.score_thresh=0"])
+    assert res.exit_code == 0, res.output
+    report = json.loads((out / "detections.json").read_text())
+    assert {d["category_id"] for d in report["detections"]} <= {1, 2, 3} and report["classes"][0] == "cup"
+    drawn = np.asarray(Image.open(out / "coffee.png").convert("RGB")).astype(int)
+    original = np.asarray(Image.open(tmp_path / "coffee.jpg").convert("RGB")).astype(int)
+    best = max(report["detections"], key=lambda d: d["score"])
+    x, y, w, h = (int(round(v)) for v in best["bbox"])
+    ys, xs = min(y + h // 2, 399), min(x + 2, 599)
+    assert np.abs(drawn[ys, x:x + 3] - original[ys, x:x + 3]).sum() > 100 or y < 30  # its outline was drawn
+    html = (out / "index.html").read_text()
+    best_name = report["classes"][best["category_id"] - 1]
+    assert "RANDOM WEIGHTS" in html and 'type="range"' in html and f'<option value="{best_name}">' in html
+    assert f'data-score="{round(best["score"], 4)}"' in html  # the page draws the boxes the slider filters
+    assert 'href="coffee.png"' in html and str(tmp_path) not in html  # relative paths only

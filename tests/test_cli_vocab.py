@@ -10,6 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from rclip_cli.main import cli
+from conftest import skip_unless_ci
 from rclip_core.errors import RclipError
 
 FIXTURE = Path(__file__).parent / "fixtures" / "vocab" / "captions.txt"
@@ -22,7 +23,7 @@ def _needs_trained_pipeline():
     try:
         resolve_spec()
     except RclipError as e:
-        pytest.skip(f"no trained spaCy pipeline: {e}")
+        skip_unless_ci(f"no trained spaCy pipeline: {e}")
 
 
 @pytest.fixture

@@ -35,10 +35,10 @@ def test_region_shapes_and_zero_boxes(tiny_clip):
 
 
 def test_full_image_box_equals_clip_image_encoder(tiny_clip):
-    """At the nominal 224 px, RoIAlign (aligned, 14×14) of the whole image samples res4 exactly at its pixels,
+    """At the nominal size (128 px for tiny), RoIAlign (aligned, 8×8) of the whole image samples res4 at its pixels,
     so the region path must reproduce CLIP's own image embedding: the pooling parameters are right."""
     enc = build_region_encoder(tiny_clip, "tiny")
-    images = torch.randn(2, 3, 224, 224)
+    images = torch.randn(2, 3, 128, 128)
     with torch.no_grad():
         ours = enc.encode_image(images)
         ref = tiny_clip.encode_image(images)
@@ -46,7 +46,7 @@ def test_full_image_box_equals_clip_image_encoder(tiny_clip):
 
 
 def test_wrong_pooler_resolution_is_rejected(tiny_clip):
-    with pytest.raises(RclipError, match="use 14"):
+    with pytest.raises(RclipError, match="use 8"):
         CLIPRegionEncoder(tiny_clip.visual, pooler_resolution=7)
 
 
@@ -73,7 +73,7 @@ def test_local_weight_files_load_strictly(tiny_clip, tmp_path):
     with pytest.raises(RclipError, match="shape mismatch"):
         create_clip("RN50", str(tmp_path / "bare.pth"))
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(RclipError, match="not a readable checkpoint"):
+    with pytest.raises(RclipError, match="not a readable weights file .not a PyTorch file"):
         create_clip("tiny", str(tmp_path / "junk.pt"))
     with pytest.raises(RclipError, match="not found"):
         create_clip("tiny", str(tmp_path / "missing.pt"))
@@ -134,3 +134,30 @@ def test_region_pooling_is_roi_align_v2_on_res4(tiny_clip):
         ref = reference_roi_align_v2(fmap[0], boxes[k], enc.head.pooler_resolution, 1 / 16)
         assert torch.allclose(ours[k], ref, atol=1e-9), k
 
+
+
+def test_a_checkpoint_selects_its_own_variant(tmp_path):
+    from rclip_core.checkpoint import save_checkpoint
+
+    src = create_clip("tiny")
+    save_checkpoint(tmp_path / "tiny.pt", src, recipe={"model": {"variant": "tiny"}})
+    torch.save(src.state_dict(), tmp_path / "bare.pth")
+    assert create_clip(None, str(tmp_path / "tiny.pt")).rclip_variant == "tiny"  # recorded in the recipe
+    assert create_clip(None, str(tmp_path / "bare.pth")).rclip_variant == "tiny"  # identified by its shapes
+    with pytest.raises(RclipError, match="is a tiny checkpoint, but the variant asked for is RN50"):
+        create_clip("RN50", str(tmp_path / "tiny.pt"))
+    assert create_clip("tiny").rclip_random_weights and not create_clip(None, str(tmp_path / "tiny.pt")).rclip_random_weights
+
+
+def test_an_open_clip_tag_fails_at_once_offline(monkeypatch):
+    """Uncached weights on an offline machine: one line saying what to do, before any download is attempted."""
+    import socket
+
+    import huggingface_hub.constants as hc
+
+    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(socket, "create_connection", lambda *a, **k: pytest.fail("tried the network"))
+    with pytest.raises(RclipError, match="not in huggingface_hub's cache.*--weights FILE"):
+        create_clip("RN50", "openai")
+    with pytest.raises(RclipError, match="no weights 'nonsense'"):
+        create_clip("RN50", "nonsense")

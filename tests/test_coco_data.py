@@ -165,3 +165,23 @@ def _empty(tmp_path):
     d = tmp_path / "empty"
     d.mkdir()
     return d
+
+
+def test_clip_branch_normalisation_matches_open_clip_in_rgb_order():
+    """A colour-asymmetric image through the one input path (read → uint8 → the model's normaliser) against
+    open_clip's own preprocessing constants and torchvision's Normalize on the same pixels: a BGR flip or a
+    mean/std of the wrong order fails here."""
+    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+    from torchvision.transforms import functional as TF
+
+    from rclip_core.data.transforms import clip_normalizer, to_uint8_tensor
+    from rclip_core.recipes import load_recipe
+
+    arr = np.zeros((8, 8, 3), np.uint8)
+    arr[..., 0] = 250  # strongly red, a little blue
+    arr[..., 2] = 40
+    img = Image.fromarray(arr)
+    inp = load_recipe(None).input
+    ours = clip_normalizer(inp.pixel_mean, inp.pixel_std)([to_uint8_tensor(img)]).tensors[0]
+    ref = TF.normalize(TF.to_tensor(img), OPENAI_DATASET_MEAN, OPENAI_DATASET_STD)
+    assert torch.allclose(ours, ref, atol=1e-6)

@@ -77,7 +77,7 @@ def _save(obj, path):
 
 def _assert_same_features(a, b) -> None:
     torch.manual_seed(5)
-    images = torch.randn(2, 3, 224, 224)
+    images = torch.randn(2, 3, 128, 128)
     tokens = torch.randint(1, 49407, (3, 77))
     tokens[:, 9] = 49407  # an end-of-text token: the highest id, where CLIP pools
     tokens[:, 10:] = 0

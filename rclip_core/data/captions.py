@@ -157,13 +157,16 @@ class CaptionDataset(Dataset):
         source: the pairs.
         min_sizes, max_size: training resize (shorter side drawn from ``min_sizes``).
         proposals: cached RPN proposals (original pixels), attached to each item.
+        cache_images: keep decoded, resized images in memory (per worker), for small sets read many times (the toy
+            world); a large set (CC3M) should leave it off.
     """
 
     def __init__(self, source: CaptionSource, *, min_sizes: list[int], max_size: int,
-                 proposals: ProposalCache | None = None) -> None:
+                 proposals: ProposalCache | None = None, cache_images: bool = False) -> None:
         if not min_sizes:
             raise RclipError("pretrain.min_sizes must list at least one size")
         self.source, self.min_sizes, self.max_size, self.proposals = source, list(min_sizes), max_size, proposals
+        self._cache: dict[tuple[int, int], tuple] | None = {} if cache_images else None
 
     def __len__(self) -> int:
         return len(self.source)
@@ -171,13 +174,18 @@ class CaptionDataset(Dataset):
     def load(self, index: int, min_size: int) -> tuple[dict | None, str | None]:
         """One pair at shorter side ``min_size``: (item without caption choice, None) or (None, reason)."""
         path, captions = self.source.get(index)
-        try:
-            img = read_image(path)
-        except RclipError as e:
-            return None, str(e)
-        resized = resize_shortest_edge(img, min_size, self.max_size)
-        item = {"image": to_uint8_tensor(resized), "captions": captions, "index": index,
-                "scale": (resized.width / img.width, resized.height / img.height), "orig_size": img.size,
+        cached = self._cache.get((index, min_size)) if self._cache is not None else None
+        if cached is None:
+            try:
+                img = read_image(path)
+            except RclipError as e:
+                return None, str(e)
+            resized = resize_shortest_edge(img, min_size, self.max_size)
+            cached = (to_uint8_tensor(resized), (resized.width / img.width, resized.height / img.height), img.size)
+            if self._cache is not None:
+                self._cache[(index, min_size)] = cached
+        image, scale, orig_size = cached
+        item = {"image": image, "captions": captions, "index": index, "scale": scale, "orig_size": orig_size,
                 "proposals": None, "objectness": None}
         if self.proposals is not None:
             item["proposals"], item["objectness"] = self.proposals.get(index, *item["scale"])

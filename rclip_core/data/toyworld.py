@@ -206,7 +206,8 @@ def _num_objects(rng: np.random.Generator, max_objects: int) -> int:
     return int(rng.choice(np.arange(1, max_objects + 1), p=weights / weights.sum()))
 
 
-def render_scene(rng: np.random.Generator, image_size: int, *, max_objects: int = 6) -> ToyScene:
+def render_scene(rng: np.random.Generator, image_size: int, *, max_objects: int = 6,
+                 size_scale: float = 1.0) -> ToyScene:
     """Draw one scene: a textured background and 1..``max_objects`` shapes.
 
     A placement that would hide more than 40 % of an earlier shape is retried, and dropped after a few tries, so
@@ -219,7 +220,7 @@ def render_scene(rng: np.random.Generator, image_size: int, *, max_objects: int 
         shape = SHAPES[int(rng.integers(len(SHAPES)))]
         color = list(COLORS)[int(rng.integers(len(COLORS)))]
         size = list(SIZE_RANGES)[int(rng.integers(len(SIZE_RANGES)))]
-        lo, hi = SIZE_RANGES[size]
+        lo, hi = (size_scale * v for v in SIZE_RANGES[size])
         for _try in range(PLACEMENT_TRIES):
             r = rng.uniform(lo, hi) * image_size
             cx, cy = rng.uniform(r, image_size - r, size=2)
@@ -312,7 +313,8 @@ def _image_rng(seed: int, prefix: str, index: int) -> np.random.Generator:
 
 
 def generate_toyworld(out_dir: str | Path, *, num_images: int, image_size: int = 128, seed: int = 0,
-                      prefix: str = "train", max_objects: int = 6, force: bool = False) -> ToyWorldPaths:
+                      prefix: str = "train", max_objects: int = 6, size_scale: float = 1.0,
+                      force: bool = False) -> ToyWorldPaths:
     """Write ``num_images`` synthetic scenes with COCO instances and captions (layout in the module docstring).
 
     Args:
@@ -323,6 +325,8 @@ def generate_toyworld(out_dir: str | Path, *, num_images: int, image_size: int =
         prefix: names the split: ``images/{prefix}_000001.png``, ``instances_{prefix}.json``,
             ``captions_{prefix}.json``.
         max_objects: at most this many shapes per image (at least 1).
+        size_scale: object radii are this multiple of ``SIZE_RANGES`` (the size words keep their meaning relative to
+            one another); photo-like single-object sets use larger objects than the multi-object scenes.
         force: overwrite existing outputs; without it an existing output raises :class:`RclipError`.
 
     Returns:
@@ -356,7 +360,7 @@ def generate_toyworld(out_dir: str | Path, *, num_images: int, image_size: int =
     images, annotations, captions = [], [], []
     for i in range(num_images):
         rng = _image_rng(seed, prefix, i)
-        scene = render_scene(rng, image_size, max_objects=max_objects)
+        scene = render_scene(rng, image_size, max_objects=max_objects, size_scale=size_scale)
         image_id = i + 1
         file_name = f"{prefix}_{image_id:06d}.png"
         buf = io.BytesIO()

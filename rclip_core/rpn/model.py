@@ -433,13 +433,21 @@ def topk_settings(cfg: RpnCfg) -> tuple[dict[str, int], dict[str, int]]:
     return pre, post
 
 
-def build_rpn(cfg: RpnCfg, *, imagenet_init: bool | None = None) -> RPNModel:
+def build_rpn(cfg: RpnCfg, *, imagenet_init: bool | None = None, seed: int = 0) -> RPNModel:
     """An :class:`RPNModel` from an ``rpn`` recipe section.
 
     Args:
         cfg: layout, depth, norm, anchors, top-k, NMS, input convention.
         imagenet_init: overrides ``cfg.imagenet_init`` (False when weights will be loaded anyway).
+        seed: seeds the random initialisation (without touching the caller's random state), so the same recipe
+            builds the same network every time.
     """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return _build_rpn(cfg, imagenet_init)
+
+
+def _build_rpn(cfg: RpnCfg, imagenet_init: bool | None) -> RPNModel:
     if len(cfg.iou_thresholds) != 2 or cfg.iou_thresholds[0] > cfg.iou_thresholds[1]:
         raise RclipError(f"rpn.iou_thresholds must be [background_below, foreground_from], got {cfg.iou_thresholds}")
     if cfg.head_convs < 1:

@@ -1,0 +1,105 @@
+"""The table of refused inputs: every case exits non-zero with one ``Error:`` line naming the culprit, and writes
+nothing (no file, no folder) into the run's directory."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from rclip_cli.main import cli
+
+
+def _ann(**over) -> dict:
+    data = {"images": [{"id": 1, "file_name": "a.png", "width": 64, "height": 48}],
+            "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [4, 4, 20, 20]}],
+            "categories": [{"id": 1, "name": "cat"}, {"id": 2, "name": "dog"}]}
+    data.update(over)
+    return data
+
+
+ANNOTATION_CASES = {
+    "duplicate category id": (_ann(categories=[{"id": 1, "name": "cat"}, {"id": 1, "name": "dog"}]),
+                              "categories[1] repeats category id 1"),
+    "unknown category": (_ann(annotations=[{"id": 1, "image_id": 1, "category_id": 9, "bbox": [0, 0, 5, 5]}]),
+                         "annotations[0] has category_id 9, which is not in 'categories'"),
+    "duplicate image id": (_ann(images=[{"id": 1, "file_name": "a.png"}, {"id": 1, "file_name": "b.png"}]),
+                           "duplicate image id"),
+    "bbox of three numbers": (_ann(annotations=[{"id": 1, "image_id": 1, "category_id": 1, "bbox": [0, 0, 5]}]),
+                              "'bbox' must be four numbers"),
+    "negative size": (_ann(annotations=[{"id": 1, "image_id": 1, "category_id": 1, "bbox": [0, 0, -5, 5]}]),
+                      "negative width or height"),
+    "NaN size": (_ann(annotations=[{"id": 1, "image_id": 1, "category_id": 1, "bbox": [0, 0, math.nan, 5]}]),
+                 "non-finite value"),
+}
+
+
+@pytest.fixture()
+def run_dir(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.fromarray(np.zeros((48, 64, 3), np.uint8)).save(images / "a.png")
+    (tmp_path / "ann.json").write_text(json.dumps(_ann()))
+    (tmp_path / "broken.json").write_text('{"images": [')
+    (tmp_path / "exists.json").write_text("[]")
+    (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint")
+    (tmp_path / "bad.yaml").write_text("zeroshot: [unclosed\n")
+    (tmp_path / "empty.txt").write_text("\n")
+    return tmp_path
+
+
+def cases(d):
+    zs = ["zeroshot", "--images", d / "images", "--variant", "tiny", "--out", d / "new" / "dets.json"]
+    gt = [*zs, "--gt-boxes", d / "ann.json", "--classes", "cat,dog"]
+    vis = ["visualize", d / "images" / "a.png", "--variant", "tiny", "--out", d / "vis"]
+    return {
+        "missing image folder": (["zeroshot", "--images", d / "nope", "--gt-boxes", d / "ann.json", "--classes", "cat",
+                                  "--out", d / "new" / "o.json"], "--images: folder not found"),
+        "existing output": ([*gt[:-4], "--out", d / "exists.json", "--gt-boxes", d / "ann.json", "--classes", "cat"],
+                            "exists.json already exists; pass --force"),
+        "missing annotation file": ([*zs, "--gt-boxes", d / "none.json", "--classes", "cat"], "file not found"),
+        "malformed JSON": ([*zs, "--gt-boxes", d / "broken.json", "--classes", "cat"], "malformed JSON at line 1"),
+        "unknown recipe key": ([*gt, "--set", "zeroshot.nope=1"], "unknown recipe key 'zeroshot.nope'"),
+        "out-of-range recipe value": ([*gt, "--set", "zeroshot.nms_thresh=7"], "must be in [0, 1], got 7"),
+        "malformed YAML": ([*gt, "--recipe", d / "bad.yaml"], "malformed YAML"),
+        "negative limit": ([*gt, "--limit", "-1"], "Invalid value for '--limit'"),
+        "empty class list": ([*zs, "--gt-boxes", d / "ann.json", "--classes", ",,"], "the class list is empty"),
+        "empty names file": ([*zs, "--gt-boxes", d / "ann.json", "--classes", d / "empty.txt"], "no names"),
+        "missing embeddings": ([*zs, "--gt-boxes", d / "ann.json", "--embeddings", d / "none.pt"],
+                               "--embeddings: file not found"),
+        "wrong checkpoint": ([*gt, "--weights", d / "garbage.pt"], "not a readable weights file"),
+        "unknown region source": ([*zs, "--regions", "magic", "--classes", "cat"], "unknown region source 'magic'"),
+        "two region sources": ([*gt, "--rpn", d / "garbage.pt"], "give one region source"),
+        "negative topk": ([*vis, "--topk", "-1"], "Invalid value for '--topk'"),
+        "threshold above 1": ([*vis, "--score-thresh", "2"], "Invalid value for '--score-thresh'"),
+        "unknown built-in list": (["embed", "--builtin", "coco81", "--variant", "tiny", "--out", d / "e.pt"],
+                                  "coco81"),
+        "missing RPN checkpoint": (["rpn", "propose", "--images", d / "images", "--rpn", d / "none.pt", "--out",
+                                    d / "p.json"], "not found"),
+        "missing ground truth": (["eval", "--gt", d / "none.json", "--dets", d / "exists.json"], "not found"),
+        "pretrain recipe without its inputs": (["pretrain", "demo_tiny_toyworld", "--out", d / "run"],
+                                               "pretrain.captions is not set"),
+        **{f"annotation: {k}": ([*zs, "--gt-boxes", d / f"case_{i}.json", "--classes", "cat,dog"], frag)
+           for i, (k, (_, frag)) in enumerate(ANNOTATION_CASES.items())},
+    }
+
+
+CASE_NAMES = list(cases(__import__("pathlib").Path("/x")))
+
+
+@pytest.mark.parametrize("name", CASE_NAMES)
+def test_bad_input_is_one_line_and_writes_nothing(run_dir, name):
+    for i, (data, _) in enumerate(ANNOTATION_CASES.values()):
+        (run_dir / f"case_{i}.json").write_text(json.dumps(data))
+    before = sorted(p.relative_to(run_dir) for p in run_dir.rglob("*"))
+    args, fragment = cases(run_dir)[name]
+    result = CliRunner().invoke(cli, [str(a) for a in args])
+    assert result.exit_code != 0, result.output
+    lines = [ln for ln in result.output.splitlines() if ln.startswith("Error:")]
+    assert len(lines) == 1 and fragment in lines[0], result.output
+    assert "Traceback" not in result.output
+    assert sorted(p.relative_to(run_dir) for p in run_dir.rglob("*")) == before  # nothing written, no folder made
