@@ -27,13 +27,15 @@ VARIANTS = {
 
 
 def main() -> None:
+    # Import every stage now: a long run must not pick up half-edited modules later (the stages import lazily).
+    import rclip_core.detector  # noqa: E401, F401
+    import rclip_core.evaluation
+    import rclip_core.pretrain
+    import rclip_core.rpn.training
+    import rclip_core.vocab  # noqa: E401, F401
     from rclip_core.clip_backbone import create_clip
     from rclip_core.demo import build_concepts, evaluate_model, make_world, train_student, train_teacher, train_toy_rpn
     from rclip_core.recipes import load_recipe
-
-    # Import every stage now: a long run must not pick up half-edited modules later (the stages import lazily).
-    import rclip_core.detector, rclip_core.evaluation, rclip_core.pretrain, rclip_core.rpn.training  # noqa: E401, F401
-    import rclip_core.vocab, rclip_core.zeroshot  # noqa: E401, F401
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])

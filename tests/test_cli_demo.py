@@ -9,7 +9,8 @@ def test_demo_runs_the_whole_chain_on_a_tiny_world(tmp_path):
     out = tmp_path / "demo"
     args = ["demo", "--out", str(out), "--steps", "2", "--set", "toyworld.num_web=16", "--set",
             "toyworld.num_train=24", "--set", "toyworld.num_val=6", "--set", "demo.vocab_min_freq=1",
-            "--set", 'demo.teacher_set=["pretrain.batch_size=8"]', "--set", 'demo.student_set=["pretrain.batch_size=4"]']
+            "--set", 'demo.teacher_set=["pretrain.batch_size=8"]',
+            "--set", 'demo.student_set=["pretrain.batch_size=4"]']
     res = CliRunner().invoke(cli, args)
     assert res.exit_code == 0, res.output
     for name in ("teacher/checkpoint.pt", "student/checkpoint.pt", "rpn/checkpoint.pt", "concepts.pt", "concepts.txt",

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from conftest import skip_unless_ci
 
 from rclip_cli.main import cli
-from conftest import skip_unless_ci
 from rclip_core.errors import RclipError
 
 FIXTURE = Path(__file__).parent / "fixtures" / "vocab" / "captions.txt"

@@ -10,8 +10,8 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-
 from conftest import skip_unless_ci
+
 from rclip_core import vocab as V
 from rclip_core.errors import RclipError
 from rclip_core.vocab import extract
