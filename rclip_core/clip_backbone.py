@@ -252,6 +252,7 @@ class CLIPTrunk(nn.Module):
         self.stem = nn.Sequential(v.conv1, v.bn1, v.act1, v.conv2, v.bn2, v.act2, v.conv3, v.bn3, v.act3, v.avgpool)
         self.layer1, self.layer2, self.layer3 = v.layer1, v.layer2, v.layer3
         self.out_channels = int(v.layer4[0].conv1.in_channels)
+        self.frozen_stages = 0
 
     def forward(self, images: Tensor) -> Tensor:
         """``images`` (B, 3, H, W), normalised → res4 (B, C4, ceil(H/16), ceil(W/16))."""
@@ -261,8 +262,18 @@ class CLIPTrunk(nn.Module):
         """Stop gradients into the stem (``freeze_at`` >= 1) and ``layer1..layer{freeze_at - 1}`` (detectron2's
         FREEZE_AT; the original trains above res2, ``freeze_at`` 2)."""
         stages = [self.stem, self.layer1, self.layer2, self.layer3]
-        for stage in stages[: max(0, freeze_at)]:
+        self.frozen_stages = max(0, freeze_at)
+        for stage in stages[: self.frozen_stages]:
             stage.requires_grad_(False)
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> CLIPTrunk:
+        """As ``nn.Module.train``, but frozen stages keep their batch norms in eval mode: a frozen stage is
+        detectron2's FrozenBN (running statistics), never normalised by the batch at hand."""
+        super().train(mode)
+        for stage in [self.stem, self.layer1, self.layer2, self.layer3][: self.frozen_stages]:
+            stage.eval()
+        return self
 
 
 class RegionHead(nn.Module):

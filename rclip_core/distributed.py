@@ -183,7 +183,7 @@ class _AllReduceWithGrad(torch.autograd.Function):
 
 
 def sync_batch_norm(model: nn.Module, device: str | torch.device) -> int:
-    """Make every trained ``BatchNorm2d`` use statistics of the global batch (so N processes train like one):
+    """Make every ``BatchNorm2d`` in training mode use statistics of the global batch (so N processes train like one):
     torch's ``SyncBatchNorm`` on CUDA, :class:`_SyncBatchNormCPU` (same parameters, in place) on CPU. Returns how
     many layers changed. Call before the optimizer is built."""
     if not get_info().enabled:
@@ -193,7 +193,8 @@ def sync_batch_norm(model: nn.Module, device: str | torch.device) -> int:
         return sum(isinstance(m, nn.SyncBatchNorm) for m in model.modules())
     changed = 0
     for m in model.modules():
-        if type(m) is nn.BatchNorm2d and any(p.requires_grad for p in m.parameters()):
+        # Every batch norm, trained or not: one in training mode normalises by the batch even when frozen.
+        if type(m) is nn.BatchNorm2d:
             m.__class__ = _SyncBatchNormCPU  # same attributes; only forward differs
             changed += 1
     return changed

@@ -125,6 +125,7 @@ class PretrainModel(nn.Module):
             for m in self.student.visual.modules():
                 if isinstance(m, nn.BatchNorm2d):
                     m.eval()
+        self.trunk.train(mode)  # after the student's modules: frozen stages' norms stay in eval mode
         return self
 
     def temperature(self) -> Tensor | float:
