@@ -116,16 +116,15 @@ class PretrainModel(nn.Module):
         student.logit_scale.requires_grad_(cfg.learn_temperature)
 
     def train(self, mode: bool = True) -> PretrainModel:
-        super().train(mode)
+        super().train(mode)  # the trunk's own train() keeps its frozen stages' norms in eval mode
         if self.teacher is not None:
             self.teacher.eval()
         if self.rpn is not None:
             self.rpn.eval()
-        if self.cfg.frozen_bn:
+        if self.cfg.frozen_bn:  # last: the trunk shares these norms and would switch them back on
             for m in self.student.visual.modules():
                 if isinstance(m, nn.BatchNorm2d):
                     m.eval()
-        self.trunk.train(mode)  # after the student's modules: frozen stages' norms stay in eval mode
         return self
 
     def temperature(self) -> Tensor | float:

@@ -1,0 +1,190 @@
+"""Region-text pretraining as a stage (rclip_core.pretrain) and as a command (`rclip pretrain`): what trains and what
+stays frozen, the empty cases (an image without proposals, a batch of one), the proposal cache, the student
+checkpoint as an ordinary CLIP checkpoint for `rclip embed` / `rclip zeroshot`, and the refused inputs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from rclip_cli.main import cli
+from rclip_core.checkpoint import save_checkpoint
+from rclip_core.data.toyworld import SHAPES, generate_toyworld
+from rclip_core.recipes import load_recipe, recipe_to_dict
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    from rclip_core.clip_backbone import create_clip
+    from rclip_core.rpn.model import build_rpn
+    from rclip_core.text_embed import embed_names, save_embeddings
+    from rclip_core.text_encoder import TextEncoder
+
+    root = tmp_path_factory.mktemp("pretrain")
+    world = generate_toyworld(root, num_images=8, image_size=64, seed=5, max_objects=3)
+    # The concept pool of the random tiny CLIP that student and teacher both start from here.
+    save_embeddings(embed_names(TextEncoder(create_clip("tiny")), list(SHAPES), templates=["a photo of a {}."]),
+                    root / "concepts.pt")
+    rpn_recipe = load_recipe("rpn_r10c4_toyworld_base")
+    save_checkpoint(root / "rpn.pt", build_rpn(rpn_recipe.rpn, seed=0), recipe=recipe_to_dict(rpn_recipe))
+    sets = [f"pretrain.captions={world.captions_json}", f"pretrain.images={world.images_dir}",
+            f"pretrain.concepts={root / 'concepts.pt'}", f"pretrain.rpn={root / 'rpn.pt'}",
+            "pretrain.regions_per_image=4", "pretrain.batch_size=2", "pretrain.steps=2", "pretrain.min_sizes=[64]",
+            "pretrain.max_size=128", "pretrain.checkpoint_every=0", "pretrain.num_workers=0",
+            "pretrain.warmup_steps=1", "pretrain.temperature=0.07", "pretrain.teacher_temperature=0.07"]
+    return {"root": root, "world": world, "sets": sets}
+
+
+def _stage(toy, *extra: str):
+    from rclip_core.pretrain import build_stage
+
+    recipe = load_recipe("pretrain_tiny_toyworld", [*toy["sets"], *extra])
+    return build_stage(recipe)
+
+
+def _batch(dataset, n: int) -> list[dict]:
+    return [dataset[(i, 1000 + i)] for i in range(n)]
+
+
+def test_student_trains_above_res2_while_teacher_text_and_rpn_stay_frozen(toy):
+    from rclip_core.pretrain import compute_losses
+
+    model, dataset = _stage(toy)
+    model.train()
+    losses = compute_losses(model, _batch(dataset, 2))
+    assert set(losses) == {"loss_img_txt", "loss_region_distill", "loss_concept_contrastive"}
+    assert all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    visual = model.student.visual
+    for name in ("conv1", "bn1", "layer1"):  # stem and res2: FREEZE_AT 2
+        assert all(p.grad is None and not p.requires_grad for p in getattr(visual, name).parameters()), name
+    for name in ("layer2", "layer3", "layer4", "attnpool"):
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in getattr(visual, name).parameters()), name
+    assert all(p.grad is None for p in model.teacher.parameters()) and not model.teacher.training
+    assert all(p.grad is None for p in model.rpn.parameters()) and not model.rpn.training
+    text = [p for n, p in model.student.named_parameters() if not n.startswith("visual.")]
+    assert text and all(p.grad is None for p in text)
+    # FrozenBN: the student's norms keep their statistics in training mode.
+    assert all(not m.training for m in visual.modules() if isinstance(m, torch.nn.BatchNorm2d))
+
+
+def test_an_image_without_proposals_and_a_batch_of_one(toy):
+    from rclip_core.pretrain import compute_losses
+
+    model, dataset = _stage(toy)
+    model.train()
+    batch = _batch(dataset, 2)
+    for item in batch:  # cached proposals: none at all for either image
+        item["proposals"], item["objectness"] = torch.zeros((0, 4)), torch.zeros(0)
+    losses = compute_losses(model, batch)
+    assert float(losses["loss_region_distill"].detach()) == 0.0
+    assert float(losses["loss_concept_contrastive"].detach()) == 0.0
+    assert float(losses["loss_img_txt"].detach()) > 0
+    sum(losses.values()).backward()
+
+    one = compute_losses(model, _batch(dataset, 1))
+    assert float(one["loss_img_txt"].detach()) == 0.0  # one image: its caption is the only candidate
+    assert torch.isfinite(one["loss_region_distill"])
+
+
+def test_regions_are_drawn_from_the_rpn_top_k_with_the_item_seed(toy):
+    model, dataset = _stage(toy, "pretrain.rpn_topk=6", "pretrain.regions_per_image=3")
+    model.eval()
+    batch = _batch(dataset, 2)
+    proposals = model.rpn(batch, None, None).boxes
+    regions = model._regions(batch, [tuple(b["image"].shape[-2:]) for b in batch])
+    for r, p in zip(regions, proposals):
+        assert r.shape[0] == min(3, p[:6].shape[0])
+        assert all(any(torch.equal(box, q) for q in p[:6]) for box in r)  # a subset of the top 6
+    again = model._regions(batch, [tuple(b["image"].shape[-2:]) for b in batch])
+    assert all(torch.equal(a, b) for a, b in zip(regions, again))
+
+
+def _pretrain(toy, out, *extra: str, sets=None):
+    args = ["pretrain", "pretrain_tiny_toyworld", "--out", str(out), *extra]
+    for s in sets if sets is not None else toy["sets"]:
+        args += ["--set", s]
+    return CliRunner().invoke(cli, args)
+
+
+def test_command_writes_a_plain_clip_checkpoint_that_embed_and_zeroshot_load(toy, tmp_path):
+    run = tmp_path / "run"
+    cache = tmp_path / "cache"
+    res = _pretrain(toy, run, "--cache-proposals", str(cache))
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint.pt", "metrics.jsonl", "recipe.yaml"]
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    meta = json.loads((cache / "meta.json").read_text())
+    assert meta["complete"] and meta["inputs"]["rpn_topk"] == 300
+    # A second run reuses the cache (the same inputs); other inputs are refused by name.
+    assert _pretrain(toy, tmp_path / "run2", "--cache-proposals", str(cache)).exit_code == 0
+    other = _pretrain(toy, tmp_path / "run3", "--cache-proposals", str(cache), "--set", "pretrain.rpn_topk=50")
+    assert other.exit_code == 1 and "rpn_topk" in other.output
+
+    world = toy["world"]
+    emb = tmp_path / "shapes.pt"
+    res = CliRunner().invoke(cli, ["embed", "--classes", ",".join(SHAPES), "--weights", str(run / "checkpoint.pt"),
+                                   "--out", str(emb)])
+    assert res.exit_code == 0, res.output
+    res = CliRunner().invoke(cli, ["zeroshot", "--gt-boxes", str(world.instances_json), "--images",
+                                   str(world.images_dir), "--embeddings", str(emb), "--weights",
+                                   str(run / "checkpoint.pt"), "--out", str(tmp_path / "dets.json")])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "dets.json").read_text())
+
+
+def test_finished_runs_resume_and_recipe_changes_are_guarded(toy, tmp_path):
+    run = tmp_path / "run"
+    assert _pretrain(toy, run).exit_code == 0
+    again = _pretrain(toy, run)
+    assert again.exit_code == 1 and "already holds a run" in again.output
+    longer = [s for s in toy["sets"] if not s.startswith("pretrain.steps=")] + ["pretrain.steps=3"]
+    refused = _pretrain(toy, run, "--resume", sets=longer)
+    assert refused.exit_code == 1 and "pretrain.steps" in refused.output
+    resumed = _pretrain(toy, run, "--resume", "--force", sets=longer)
+    assert resumed.exit_code == 0, resumed.output
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["step"] == 3
+
+    (run / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    corrupt = _pretrain(toy, run, "--resume", sets=longer)
+    assert corrupt.exit_code == 1 and "checkpoint.pt" in corrupt.output
+    assert len(corrupt.output.strip().splitlines()) == 1
+
+
+def test_bad_inputs_are_one_line_and_write_nothing(toy, tmp_path):
+    from rclip_core.clip_backbone import create_clip
+    from rclip_core.text_embed import embed_names, save_embeddings
+    from rclip_core.text_encoder import TextEncoder
+
+    world, root = toy["world"], toy["root"]
+    base = [s for s in toy["sets"] if not s.startswith(("pretrain.captions=", "pretrain.concepts="))]
+
+    def refused(sets, *needles):
+        out = tmp_path / f"out{len(list(tmp_path.iterdir()))}"
+        res = _pretrain(toy, out, sets=sets)
+        assert res.exit_code == 1, res.output
+        last = res.output.strip().splitlines()[-1]
+        assert last.startswith("Error:") and "Traceback" not in res.output, res.output
+        for n in needles:
+            assert n in last, last
+        assert not (out / "checkpoint.pt").exists()
+
+    # every missing path in one message
+    refused([*base, "pretrain.captions=nope.json", "pretrain.concepts=missing.pt"], "nope.json", "missing.pt")
+    empty = tmp_path / "empty.tsv"
+    empty.write_text("")
+    refused([*base, f"pretrain.captions={empty}", f"pretrain.concepts={root / 'concepts.pt'}"], "empty.tsv")
+    missing_images = tmp_path / "gone.jsonl"
+    missing_images.write_text('{"image": "a.png", "caption": "a star"}\n{"image": "b.png", "caption": "a ring"}\n')
+    refused([*base, f"pretrain.captions={missing_images}", f"pretrain.concepts={root / 'concepts.pt'}"], "gone.jsonl")
+    # concepts of another text tower: a trained-looking perturbation changes the fingerprint
+    other = create_clip("tiny")
+    with torch.no_grad():
+        other.token_embedding.weight.add_(0.01)
+    save_embeddings(embed_names(TextEncoder(other), ["star", "ring"], templates=["a photo of a {}."]),
+                    tmp_path / "other.pt")
+    refused([*base, f"pretrain.captions={world.captions_json}", f"pretrain.concepts={tmp_path / 'other.pt'}"],
+            "other.pt")
