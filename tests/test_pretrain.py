@@ -188,3 +188,20 @@ def test_bad_inputs_are_one_line_and_write_nothing(toy, tmp_path):
                     tmp_path / "other.pt")
     refused([*base, f"pretrain.captions={world.captions_json}", f"pretrain.concepts={tmp_path / 'other.pt'}"],
             "other.pt")
+
+
+@pytest.mark.parametrize("name,variant", [("pretrain_rn50_cc3m", "RN50"), ("pretrain_rn50x4_cc3m", "RN50x4"),
+                                          ("pretrain_rn50_cococap", "RN50")])
+def test_paper_recipes_hold_the_original_solver_and_region_settings(name, variant):
+    # configs/pretrain/RegionCLIP_RN50(x4).yaml and detectron2's solver defaults (regionclip_facts.md §2, §4).
+    r = load_recipe(name)
+    p = r.pretrain
+    assert r.model.variant == variant and r.model.weights == "openai"
+    assert (p.optimizer, p.lr, p.momentum, p.weight_decay, p.batch_size) == ("sgd", 0.002, 0.9, 1e-4, 96)
+    assert (p.steps, p.lr_steps, p.lr_gamma, p.schedule) == (600000, [300000, 525000], 0.1, "multistep")
+    assert (p.warmup_steps, p.warmup_factor, p.grad_clip) == (1000, 0.001, 5.0)
+    assert (p.regions_per_image, p.rpn_topk, p.rpn_nms_thresh, p.regions) == (100, 300, 0.5, "rpn")
+    assert (p.temperature, p.teacher_temperature, p.concept_thresh) == (0.01, 0.01, 0.1)
+    assert (p.loss_region_distill, p.loss_concept_contrastive, p.loss_image_text) == (1.0, 1.0, 1.0)
+    assert (p.freeze_at, p.frozen_bn, p.train_text, p.global_box_min_scale) == (2, True, False, 1.0)
+    assert p.min_sizes == [640, 672, 704, 736, 768, 800] and p.max_size == 1333
