@@ -52,5 +52,6 @@ def pretrain(recipe_path: str, out: Path, resume: bool, force: bool, overrides: 
     if D.is_main():
         last = result.history[-1] if result.history else {}
         losses = ", ".join(f"{k} {v:.3f}" for k, v in last.items() if k.startswith("loss"))
-        console.print(f"pretrained steps {result.start_step + 1}..{result.step} ({losses}); wrote "
-                      f"{out / 'checkpoint.pt'} and {out / 'metrics.jsonl'}")
+        skipped = sum(r.get("count_images_skipped", 0) for r in result.history if r["step"] > result.start_step)
+        console.print(f"pretrained steps {result.start_step + 1}..{result.step} ({losses}; {skipped} unreadable "
+                      f"images skipped); wrote {out / 'checkpoint.pt'} and {out / 'metrics.jsonl'}")

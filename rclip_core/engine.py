@@ -52,6 +52,9 @@ CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.jsonl"
 
 ComputeLosses = Callable[[nn.Module, list], dict[str, Tensor]]
+# Entries of compute_losses' dict named ``count_*`` are not losses: they are summed over ranks and logged per step
+# (e.g. ``count_images_skipped``), never added to the loss.
+COUNT_PREFIX = "count_"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -313,7 +316,7 @@ def train(model: nn.Module, compute_losses: ComputeLosses, dataset: Dataset, cfg
     Args:
         model: the stage's model; ``compute_losses`` calls it (through DDP under torchrun).
         compute_losses: ``(model, batch) -> {"loss_name": 0-dim tensor}``; the engine sums them. A pure function of
-            the model's outputs and the batch (a list of dataset items).
+            the model's outputs and the batch (a list of dataset items). ``count_*`` entries are logged, not summed.
         dataset: indexed by ``(index, sample_seed)`` keys (:class:`StepSampler`).
         cfg: the solver (any :class:`rclip_core.recipes.SolverCfg`).
         out_dir: where ``checkpoint.pt`` and ``metrics.jsonl`` go (None: nothing is written).
@@ -407,20 +410,27 @@ def train(model: nn.Module, compute_losses: ComputeLosses, dataset: Dataset, cfg
                 lr = optimizer.param_groups[0]["lr"] / float(groups[0].get("lr_scale", 1.0))
                 try:
                     with _autocast(dev, amp):
-                        losses = compute_losses(ddp_model, batch)
+                        outputs = compute_losses(ddp_model, batch)
                 except FloatingPointError as e:  # e.g. an RPN predicting non-finite boxes
                     raise RclipError(f"step {step}: {e}; training diverged; lower {section}.lr or lengthen "
                                      f"{section}.warmup_steps") from None
+                losses = {k: v for k, v in outputs.items() if not k.startswith(COUNT_PREFIX)}
+                counts = {k: torch.as_tensor(v, dtype=torch.float32).detach().cpu() for k, v in outputs.items()
+                          if k.startswith(COUNT_PREFIX)}
                 if not losses:
                     raise ValueError("compute_losses returned no loss")
                 total = sum(losses.values())
-                # A small all-reduce: the losses for the log and a non-finite flag, so every rank stops together.
+                # A small all-reduce: the losses for the log, the counts and a non-finite flag, so every rank stops
+                # together.
                 values = torch.stack([v.detach().float() for v in losses.values()] + [total.detach().float()])
                 flag = torch.tensor([float(not torch.isfinite(values).all())])
-                reduced = D.all_reduce_sum(torch.cat([values.cpu(), flag]))
+                reduced = D.all_reduce_sum(torch.cat([values.cpu(), torch.stack(list(counts.values()) or
+                                                                                [torch.zeros(())]).reshape(-1),
+                                                      flag]))
                 n = len(losses) + 1
                 mean = (reduced[:n] / info.world_size).tolist()
-                if reduced[n] > 0:
+                counted = dict(zip(counts, reduced[n:n + len(counts)].tolist()))
+                if reduced[-1] > 0:
                     shown = ", ".join(f"{k}={v:.4g}" for k, v in zip(losses, mean))
                     raise RclipError(f"step {step}: the loss is not finite ({shown}): training diverged; lower "
                                      f"{section}.lr or lengthen {section}.warmup_steps")
@@ -434,7 +444,7 @@ def train(model: nn.Module, compute_losses: ComputeLosses, dataset: Dataset, cfg
                 scheduler.step()
 
                 record = {"step": step, "lr": lr, "loss": mean[-1], **dict(zip(losses, mean[:-1])),
-                          "seconds": round(time.perf_counter() - start, 3)}
+                          **{k: int(v) for k, v in counted.items()}, "seconds": round(time.perf_counter() - start, 3)}
                 this_run.append(record)
                 if metrics_file is not None:
                     metrics_file.write(json.dumps(record) + "\n")

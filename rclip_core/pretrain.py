@@ -230,6 +230,8 @@ def compute_losses(model: nn.Module, batch: list[dict]) -> dict[str, Tensor]:
                 kept, inner.concepts[pl.targets], pl.targets, tau)
     if not losses:
         raise RclipError("every pretraining loss has weight 0 (pretrain.loss_*)")
+    # Unreadable images this step (each replaced by the next readable pair, so batches stay full).
+    losses[engine.COUNT_PREFIX + "images_skipped"] = torch.tensor(float(sum(int(i.get("skipped", 0)) for i in batch)))
     return losses
 
 

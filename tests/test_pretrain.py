@@ -205,3 +205,20 @@ def test_paper_recipes_hold_the_original_solver_and_region_settings(name, varian
     assert (p.loss_region_distill, p.loss_concept_contrastive, p.loss_image_text) == (1.0, 1.0, 1.0)
     assert (p.freeze_at, p.frozen_bn, p.train_text, p.global_box_min_scale) == (2, True, False, 1.0)
     assert p.min_sizes == [640, 672, 704, 736, 768, 800] and p.max_size == 1333
+
+
+def test_unreadable_images_are_replaced_and_counted(toy, tmp_path):
+    world = toy["world"]
+    pairs = json.loads(world.captions_json.read_text())
+    lines = [json.dumps({"image": im["file_name"], "caption": "a photo of a shape."}) for im in pairs["images"]]
+    lines.insert(1, json.dumps({"image": "missing.png", "caption": "a photo of a ring."}))
+    captions = tmp_path / "pairs.jsonl"
+    captions.write_text("\n".join(lines) + "\n")
+    sets = [s for s in toy["sets"] if not s.startswith(("pretrain.captions=", "pretrain.steps=", "pretrain.batch"))]
+    sets += [f"pretrain.captions={captions}", "pretrain.steps=3", "pretrain.batch_size=3"]  # 9 draws of 9 pairs
+    res = _pretrain(toy, tmp_path / "run", sets=sets)
+    assert res.exit_code == 0, res.output
+    counts = [json.loads(line)["count_images_skipped"] for line in (tmp_path / "run/metrics.jsonl").read_text()
+              .splitlines()]
+    assert sum(counts) == 1, counts  # every pair drawn once per epoch: the missing image was met once
+    assert "1 unreadable images skipped" in res.output
