@@ -224,3 +224,23 @@ def test_zeroshot_and_visualize_with_the_rpn_on_a_bare_folder(world, trained, tm
     original = Image.open(first).convert("RGB").resize((256, 256), Image.NEAREST)
     assert list(drawn.getdata()) != list(original.getdata())
     assert (vis / "index.html").read_text().count("<figure>") == 3
+
+
+def test_the_same_command_twice_gives_the_same_numbers(world, tmp_path):
+    """Reproducible runs (issue 10, item 8): the same `rclip rpn train` command with the same seed gives the same
+    losses and weights bit for bit, and DataLoader workers do not change them (batches are drawn by step and seed,
+    not by worker timing)."""
+    def train(out, *extra):
+        result = run("rpn", "train", "--recipe", TOY_RECIPE, "--annotations", world["train"], "--images",
+                     world["images"], "--out", out, "--steps", 3, "--set", "rpn.train.batch_size=4", *extra)
+        assert result.exit_code == 0, result.output
+        losses = [{k: v for k, v in json.loads(x).items() if k != "seconds"}
+                  for x in (out / "metrics.jsonl").read_text().splitlines()]
+        return losses, torch.load(out / "checkpoint.pt", weights_only=True)["model"]
+
+    first, weights = train(tmp_path / "a")
+    second, weights2 = train(tmp_path / "b")
+    workers, weights3 = train(tmp_path / "c", "--set", "rpn.train.num_workers=2")
+    assert first == second == workers and len(first) == 3
+    for name, value in weights.items():
+        assert torch.equal(value, weights2[name]) and torch.equal(value, weights3[name]), name
