@@ -275,58 +275,6 @@ class TrainingProgress:
         self.progress.update(self.task, completed=info.step, rate=f"{shown} lr {info.lr:.2g}")
 
 
-def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        out.update(_flatten(v, key + ".") if isinstance(v, dict) else {key: v})
-    return out
-
-
-def recipe_differences(a: dict, b: dict) -> list[str]:
-    """Dotted keys whose values differ between two recipe dicts."""
-    fa, fb = _flatten(a), _flatten(b)
-    return sorted(k for k in set(fa) | set(fb) if fa.get(k) != fb.get(k))
-
-
-def prepare_run_dir(out: Path, recipe_path: str, overrides: tuple[str, ...], *, resume: bool, force: bool,
-                    check: Callable[[Any], None] | None = None):
-    """The recipe of a training run in ``out``, after the checks every training command makes before any work:
-
-    - ``--resume``: ``out/checkpoint.pt`` must exist and hold the same recipe (the differing keys are named; with
-      ``--force`` the new recipe wins);
-    - a fresh run: an ``out`` holding a checkpoint is refused unless ``--force`` (which replaces only the run's own
-      files: checkpoint, metrics, recipe).
-
-    ``check(recipe)`` refuses unusable inputs before anything is written. Writes ``out/recipe.yaml`` (rank 0).
-    Returns the built recipe.
-    """
-    from rclip_core import distributed as D
-    from rclip_core.checkpoint import load_checkpoint
-    from rclip_core.engine import CHECKPOINT_NAME
-    from rclip_core.recipes import load_recipe, recipe_to_dict, save_recipe
-
-    recipe = load_recipe(recipe_path, overrides)
-    ckpt = out / CHECKPOINT_NAME
-    if resume:
-        if not ckpt.is_file():
-            raise RclipError(f"nothing to resume: {ckpt} does not exist")
-        stored = load_checkpoint(ckpt, training=True).get("recipe") or {}
-        differs = recipe_differences(stored, recipe_to_dict(recipe))
-        if differs and not force:
-            shown = ", ".join(differs[:6]) + (f" ... ({len(differs)} in all)" if len(differs) > 6 else "")
-            raise RclipError(f"--resume: the recipe differs from {ckpt}'s in {shown}; pass --force to continue with "
-                             "the new values")
-    elif ckpt.exists() and not force:
-        raise RclipError(f"{out} already holds a run ({ckpt}); pass --resume to continue it or --force to start over")
-    if check is not None:
-        check(recipe)
-    if D.is_main():
-        out.mkdir(parents=True, exist_ok=True)
-        save_recipe(recipe, out / "recipe.yaml", force=True)
-    return recipe
-
-
 def check_inputs(*paths: tuple[str, Path | None], folders: tuple[tuple[str, Path | None], ...] = ()) -> None:
     """Refuse missing input files and folders in one line naming the flag, before any heavy import or model build.
     ``paths``: (flag, file or None); ``folders``: (flag, folder or None)."""
@@ -336,12 +284,3 @@ def check_inputs(*paths: tuple[str, Path | None], folders: tuple[tuple[str, Path
     for flag, p in folders:
         if p is not None and not Path(p).is_dir():
             raise RclipError(f"{flag}: folder not found: {p}")
-
-
-def check_outputs(*outputs: Path, force: bool) -> None:
-    """Refuse existing outputs (unless ``force``) before any work, without creating anything."""
-    for p in outputs:
-        if Path(p).exists() and not force:
-            raise RclipError(f"{p} already exists; pass --force to overwrite it")
-        if Path(p).is_dir():
-            raise RclipError(f"{p} is a folder; give a file name")

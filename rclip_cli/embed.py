@@ -8,7 +8,6 @@ import click
 
 from rclip_cli.common import (
     check_inputs,
-    check_outputs,
     classes_option,
     console,
     device_option,
@@ -21,6 +20,7 @@ from rclip_cli.common import (
     save_outputs_recipe,
 )
 from rclip_core.errors import RclipError
+from rclip_core.io import check_outputs
 
 
 @click.command()

@@ -9,7 +9,6 @@ import click
 
 from rclip_cli.common import (
     check_inputs,
-    check_outputs,
     classes_options,
     console,
     device_option,
@@ -22,6 +21,7 @@ from rclip_cli.common import (
     recipe_options,
     regions_options,
 )
+from rclip_core.io import check_outputs
 
 
 @click.command()
@@ -63,6 +63,7 @@ def zeroshot(image_dir, classes, embeddings, regions, annotations, out, limit, s
     from rclip_core.io import write_json
     from rclip_core.zeroshot import prepare_images, run_zeroshot
 
+    source.check_available()
     device = get_device()
     clip = load_clip(recipe, device)
     emb = class_embeddings(clip, recipe, classes=classes, embeddings=embeddings)

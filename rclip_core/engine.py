@@ -45,11 +45,10 @@ from rclip_core.checkpoint import load_checkpoint, save_checkpoint
 from rclip_core.data.coco import collate_list
 from rclip_core.errors import RclipError
 from rclip_core.recipes import SolverCfg
+from rclip_core.run_dir import CHECKPOINT_NAME, METRICS_NAME
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_NAME = "checkpoint.pt"
-METRICS_NAME = "metrics.jsonl"
 
 ComputeLosses = Callable[[nn.Module, list], dict[str, Tensor]]
 

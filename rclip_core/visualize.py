@@ -170,34 +170,12 @@ def draw_gt_verdicts(image: Image.Image, record, dets: list[dict], names: dict[i
     return torch.from_numpy(np.asarray(out).copy()).permute(2, 0, 1)
 
 
-def picture_names(file_names: list[str]) -> list[str]:
-    """One distinct ``.png`` name per input file: its stem, or — when stems collide (``a/pic.jpg``, ``a/pic.png``,
-    ``b/pic.jpg``) — stem plus extension, then the parent folder's name too, then a counter."""
-    from collections import Counter
-
-    paths = [Path(f) for f in file_names]
-    stems = Counter(p.stem for p in paths)
-    with_ext = Counter(f"{p.stem}_{p.suffix.lstrip('.')}" for p in paths)
-    names, used = [], set()
-    for p in paths:
-        name = p.stem
-        if stems[p.stem] > 1:
-            name = f"{p.stem}_{p.suffix.lstrip('.')}"
-            if with_ext[name] > 1:
-                name = f"{p.parent.name}_{name}"
-        base, k = name, 2
-        while name in used:
-            name, k = f"{base}_{k}", k + 1
-        used.add(name)
-        names.append(name + ".png")
-    return names
-
-
 def render_pictures(records, image_dir, results: list[dict], names: dict[int, str], out_dir, *,
-                    score_thresh: float, topk: int | None, one_per_box: bool, skipped_ids: set[int],
-                    force: bool, notice: str | None = None, gt_names: dict[int, str] | None = None
-                    ) -> tuple[list[dict], int]:
-    """Draw each record's detections and write ``out_dir/<name>.png`` atomically (see :func:`picture_names`).
+                    png_names: dict[str, str], score_thresh: float, topk: int | None, one_per_box: bool,
+                    skipped_ids: set[int], force: bool, notice: str | None = None,
+                    gt_names: dict[int, str] | None = None) -> tuple[list[dict], int]:
+    """Draw each record's detections and write ``out_dir/<png_names[file_name]>`` atomically (names from
+    :func:`rclip_core.data.files.picture_outputs`, checked by the command before any work).
 
     With ``gt_names`` (annotation category id → name; GT-box mode) every ground-truth box is drawn with its best
     class, green when that name is the box's true category, red with the true name otherwise.
@@ -212,7 +190,7 @@ def render_pictures(records, image_dir, results: list[dict], names: dict[int, st
     by_image: dict[int, list[dict]] = {}
     for d in results:
         by_image.setdefault(d["image_id"], []).append(d)
-    pngs = dict(zip((r.id for r in records), picture_names([r.file_name for r in records])))
+    pngs = {r.id: png_names[r.file_name] for r in records}
     entries, empty = [], 0
     if gt_names is not None:
         # Verdicts compare names: classes are numbered by row, the annotation file has its own ids.
@@ -245,6 +223,40 @@ def render_pictures(records, image_dir, results: list[dict], names: dict[int, st
                                         "score": round(float(d["score"]), 4), "bbox": d["bbox"]} for d in shown],
                         "labels": [f"{names.get(d['category_id'], d['category_id'])} {d['score']:.2f}" for d in dets]})
     return entries, empty
+
+
+def write_visualization(out_dir: str | Path, images, results: list[dict], summary, *, class_names: list[str],
+                        png_names: dict[str, str], region_source: str, notice: str | None, score_thresh: float,
+                        topk: int | None, gt_mode: bool, html: bool, force: bool) -> tuple[int, int]:
+    """``rclip visualize``'s outputs in ``out_dir``: a picture per readable image, ``detections.json`` (classes,
+    images, COCO results, region source, random-weights flag, run summary) and, with ``html``, ``index.html``.
+
+    Args:
+        images: the run's :class:`rclip_core.zeroshot.ImageSet`; ``results`` and ``summary`` from ``run_zeroshot``.
+        class_names: the K class names (row k is category ``images.category_ids[k]``).
+        gt_mode: ground-truth boxes were named: each is drawn right (green) or wrong (red, with its true name).
+        notice: the random-weights notice, drawn on every picture and the page (None with trained weights).
+
+    Returns:
+        (pictures written, pictures without a detection drawn).
+    """
+    from rclip_core.data.files import DETECTIONS_FILE, INDEX_FILE
+    from rclip_core.io import write_json, write_text
+
+    out_dir = Path(out_dir)
+    names = dict(zip(images.category_ids, class_names))
+    gt_names = {c["id"]: c["name"] for c in images.categories} if gt_mode else None
+    entries, empty = render_pictures(images.records, images.image_dir, results, names, out_dir, png_names=png_names,
+                                     score_thresh=score_thresh, topk=topk, one_per_box=gt_mode,
+                                     skipped_ids=set(summary.skipped_ids), force=force, notice=notice,
+                                     gt_names=gt_names)
+    write_json(out_dir / DETECTIONS_FILE, {"region_source": region_source, "random_weights": notice is not None,
+                                           "classes": list(class_names), "images": images.skeleton()["images"],
+                                           "detections": results, "summary": summary.to_dict()}, force=force)
+    if html:
+        write_text(out_dir / INDEX_FILE, html_index(entries, source=region_source, notice=notice,
+                                                    score_thresh=score_thresh), force=force)
+    return len(entries), empty
 
 
 def _thumbnail_uri(image: Image.Image, side: int = 420) -> str:

@@ -54,8 +54,8 @@ def test_train_writes_checkpoint_recipe_history_and_resumes(world, trained):
     assert [r["step"] for r in lines] == [1, 2, 3] and all("loss_rpn_cls" in r for r in lines)
 
     base = ["rpn", "train", "--train-ann", world["train"], "--images", world["images"], "--out", trained]
-    one_line_error(run(*base, "--recipe", TOY_RECIPE), "checkpoint.pt already exists", "--resume", "--force")
-    one_line_error(run(*base, "--resume", "--set", "rpn.train.lr=1"), "--resume continues with the checkpoint's recipe")
+    one_line_error(run(*base, "--recipe", TOY_RECIPE), "already holds a run", "--resume", "--force")
+    one_line_error(run(*base, "--resume", "--set", "rpn.train.lr=1"), "the recipe differs", "rpn.train.lr", "--force")
     resumed = run(*base, "--resume", "--steps", 4)
     assert resumed.exit_code == 0, resumed.output
     assert "trained steps 4..4" in resumed.output
@@ -63,12 +63,12 @@ def test_train_writes_checkpoint_recipe_history_and_resumes(world, trained):
     done = run(*base, "--resume")
     assert done.exit_code == 0 and "already at step 4" in done.output
     one_line_error(run("rpn", "train", "--train-ann", world["train"], "--images", world["images"], "--out",
-                       trained.parent / "elsewhere", "--resume"), "RPN checkpoint not found")
+                       trained.parent / "elsewhere", "--resume"), "nothing to resume")
 
 
 def test_train_bad_input_is_one_line(world, tmp_path):
     base = ["rpn", "train", "--recipe", TOY_RECIPE, "--images", world["images"], "--out", tmp_path / "r"]
-    one_line_error(run(*base, "--train-ann", tmp_path / "none.json"), "annotation file not found")
+    one_line_error(run(*base, "--train-ann", tmp_path / "none.json"), "--annotations: file not found")
     bad = tmp_path / "bad.json"
     bad.write_text("{\"images\": [")
     one_line_error(run(*base, "--train-ann", bad), "malformed JSON")
@@ -147,7 +147,7 @@ def test_propose_on_a_folder_writes_file_names(world, trained, tmp_path):
 
 def test_propose_bad_checkpoints_are_one_line(world, tmp_path, trained):
     base = ["rpn", "propose", "--images", world["images"], "--out", tmp_path / "p.json"]
-    one_line_error(run(*base, "--checkpoint", tmp_path / "none.pt"), "RPN checkpoint not found")
+    one_line_error(run(*base, "--checkpoint", tmp_path / "none.pt"), "--rpn: file not found")
     bad_ann = tmp_path / "ann.json"
     bad_ann.write_text("{\"images\": [}")
     one_line_error(run(*base, "--checkpoint", trained / "checkpoint.pt", "--annotations", bad_ann), "malformed JSON")
