@@ -66,7 +66,9 @@ def cases(d):
         "unknown recipe key": ([*gt, "--set", "zeroshot.nope=1"], "unknown recipe key 'zeroshot.nope'"),
         "out-of-range recipe value": ([*gt, "--set", "zeroshot.nms_thresh=7"], "must be in [0, 1], got 7"),
         "malformed YAML": ([*gt, "--recipe", d / "bad.yaml"], "malformed YAML"),
+        "score threshold above 1 (recipe)": ([*gt, "--set", "zeroshot.score_thresh=1.5"], "must be in [0, 1], got 1.5"),
         "negative limit": ([*gt, "--limit", "-1"], "Invalid value for '--limit'"),
+        "zero limit": ([*gt, "--limit", "0"], "Invalid value for '--limit'"),
         "empty class list": ([*zs, "--gt-boxes", d / "ann.json", "--classes", ",,"], "the class list is empty"),
         "empty names file": ([*zs, "--gt-boxes", d / "ann.json", "--classes", d / "empty.txt"], "no names"),
         "missing embeddings": ([*zs, "--gt-boxes", d / "ann.json", "--embeddings", d / "none.pt"],
@@ -81,6 +83,18 @@ def cases(d):
         "missing RPN checkpoint": (["rpn", "propose", "--images", d / "images", "--rpn", d / "none.pt", "--out",
                                     d / "p.json"], "not found"),
         "missing ground truth": (["eval", "--gt", d / "none.json", "--dets", d / "exists.json"], "not found"),
+        "malformed ground truth, new output folder": (["eval", "--gt", d / "broken.json", "--dets", d / "exists.json",
+                                                       "--out", d / "new" / "m.json"], "malformed JSON"),
+        "missing image folder for proposals": (["rpn", "propose", "--images", d / "nope", "--rpn", d / "garbage.pt",
+                                                "--out", d / "new" / "p.json"], "--images: folder not found"),
+        "unreadable RPN checkpoint": (["rpn", "propose", "--images", d / "images", "--rpn", d / "garbage.pt",
+                                       "--out", d / "new" / "p.json"], "garbage.pt"),
+        "missing captions": (["vocab", "build", d / "none.txt", "--out", d / "new" / "concepts.txt"], "none.txt"),
+        "not a checkpoint to convert": (["weights", "convert", d / "garbage.pt", "--out", d / "new" / "w.pt"],
+                                        "garbage.pt"),
+        "empty class list, new picture folder": ([*vis, "--classes", " , "], "the class list is empty"),
+        "missing picture": (["visualize", d / "nope.jpg", "--variant", "tiny", "--out", d / "vis"],
+                            "no such image or folder"),
         "pretrain recipe without its inputs": (["pretrain", "demo_tiny_toyworld", "--out", d / "run"],
                                                "pretrain.captions is not set"),
         **{f"annotation: {k}": ([*zs, "--gt-boxes", d / f"case_{i}.json", "--classes", "cat,dog"], frag)
@@ -146,3 +160,42 @@ def test_existing_outputs_are_refused_before_torch_is_imported(tmp_path):
     for args, (code_, output) in zip(commands, report["results"]):
         assert code_ == 1 and ("already exists" in output or "already holds a run" in output), (args, output)
     assert report["torch"] is False
+
+
+def test_a_panorama_too_thin_for_the_pooler_is_skipped_and_counted(run_dir):
+    """A 10000×50 panorama resizes to 1333×7, thinner than the RoI grid needs: skipped with a warning and counted
+    like an unreadable image, while the other images' results are kept (exit 0)."""
+    Image.fromarray(np.full((50, 10000, 3), 90, np.uint8)).save(run_dir / "images" / "panorama.png")
+    out = run_dir / "out" / "dets.json"
+    res = CliRunner().invoke(cli, ["zeroshot", "--images", str(run_dir / "images"), "--classes", "cat,dog",
+                                   "--variant", "tiny", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    said = " ".join(res.output.split())  # the log wraps long lines
+    assert "too small or too elongated (10000×50 resizes to 1333×7, below 32 pixels)" in said
+    summary = json.loads(out.with_name("dets.summary.json").read_text())
+    assert summary["images"] == 1 and len(summary["images_skipped"]) == 1 and summary["regions"] > 0
+    assert "panorama.png" in summary["images_skipped"][0]
+
+
+@pytest.mark.parametrize("command", ["embed", "zeroshot", "visualize"])
+def test_duplicate_class_names_after_cleaning_are_merged_with_a_warning(run_dir, command):
+    """'Cat', 'cat ' and 'cat' (case-folded, cleaned) are one class, the same in every command that takes
+    --classes; LVIS-style 'bible_(book)' and 'bible book' too."""
+    classes = "cat,Cat , dog,bible_(book),bible book"
+    args = {"embed": ["embed", "--out", run_dir / "e.pt"],
+            "zeroshot": ["zeroshot", "--images", run_dir / "images", "--out", run_dir / "z" / "dets.json"],
+            "visualize": ["visualize", run_dir / "images", "--out", run_dir / "vis"]}[command]
+    res = CliRunner().invoke(cli, [str(a) for a in args] + ["--classes", classes, "--variant", "tiny"])
+    assert res.exit_code == 0, res.output
+    said = " ".join(res.output.split())  # the log wraps long lines
+    assert "class name 'Cat' repeats an earlier one" in said and "class name 'bible book' repeats" in said
+    if command == "embed":
+        import torch
+
+        assert torch.load(run_dir / "e.pt", weights_only=True)["names"] == ["cat", "dog", "bible_(book)"]
+    elif command == "visualize":
+        assert json.loads((run_dir / "vis" / "detections.json").read_text())["classes"] == ["cat", "dog",
+                                                                                           "bible_(book)"]
+    else:
+        images = json.loads((run_dir / "z" / "dets.images.json").read_text())
+        assert [c["name"] for c in images["categories"]] == ["cat", "dog", "bible_(book)"]
