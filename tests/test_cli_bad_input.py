@@ -199,3 +199,29 @@ def test_duplicate_class_names_after_cleaning_are_merged_with_a_warning(run_dir,
     else:
         images = json.loads((run_dir / "z" / "dets.images.json").read_text())
         assert [c["name"] for c in images["categories"]] == ["cat", "dog", "bible_(book)"]
+
+
+def test_library_warnings_never_reach_the_terminal(run_dir):
+    """torch's, torchvision's and open_clip's warnings (deprecations, notices) are for developers: a command run
+    as a user runs it (a fresh interpreter, Python's default warning filters plus -W always) shows none of them,
+    while its own one-line error still comes through."""
+    import subprocess
+    import sys
+
+    code = (
+        "import warnings\n"
+        "import rclip_core.region_spec as rs\n"
+        "parse = rs.RegionSource.parse\n"
+        "def noisy(spec):\n"
+        "    for module in ('torch.nn.modules.module', 'torchvision.ops', 'open_clip.factory'):\n"
+        "        for cat in (UserWarning, FutureWarning, DeprecationWarning):\n"
+        "            warnings.warn_explicit(f'LEAK {cat.__name__}', cat, module + '.py', 1, module=module)\n"
+        "    return parse(spec)\n"
+        "rs.RegionSource.parse = staticmethod(noisy)\n"
+        "from rclip_cli.main import cli\n"
+        f"cli(['zeroshot', '--images', {str(run_dir / 'images')!r}, '--classes', 'cat', '--out', "
+        f"{str(run_dir / 'exists.json')!r}])\n"
+    )
+    res = subprocess.run([sys.executable, "-W", "always", "-c", code], capture_output=True, text=True)
+    assert res.returncode == 1 and res.stderr.startswith("Error: ") and "already exists" in res.stderr, res.stderr
+    assert "LEAK" not in res.stdout + res.stderr
