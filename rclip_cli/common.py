@@ -188,27 +188,15 @@ def classes_options(fn: Callable) -> Callable:
                              "tower).")(fn)
 
 
-def class_embeddings(clip: Any, recipe: Any, *, classes: str | None, embeddings: Path | None,
-                     default: str | None = None):
-    """Class embeddings from ``--classes`` (embedded now with the recipe's templates) or an ``--embeddings`` file;
-    ``default`` (a ``--classes`` spec) when neither is given, said in the log."""
-    from rclip_core import text_embed as te
+def class_embeddings(clip: Any, recipe: Any, classes: Any, embeddings: Path | None):
+    """The class embeddings of a command: ``classes`` (from :func:`rclip_core.data.class_lists.class_source`)
+    embedded with ``clip``'s text tower and the recipe's templates, or the ``embeddings`` file."""
+    from rclip_core.text_embed import class_embeddings as embed
     from rclip_core.text_encoder import TextEncoder
 
-    if classes is not None and embeddings is not None:
-        raise RclipError("give one of --classes or --embeddings, not both")
-    encoder = TextEncoder(clip)
-    if embeddings is not None:
-        return te.load_embeddings(embeddings, dim=encoder.out_dim, fingerprint=encoder.fingerprint())
-    if classes is None:
-        if default is None:
-            raise RclipError("give the classes: --classes LIST|FILE|NAME or --embeddings FILE")
-        logging.getLogger("rclip").info("no --classes given: using the %s class names", default)
-        classes = default
-    spec = te.resolve_classes(classes)
-    return te.embed_names(encoder, spec.names, templates=te.TEMPLATE_SETS[recipe.text.templates],
-                          batch_size=recipe.text.batch_size, truncate=recipe.text.truncate,
-                          category_ids=spec.category_ids)
+    text = recipe.text
+    return embed(TextEncoder(clip), classes, embeddings, templates=text.templates, batch_size=text.batch_size,
+                 truncate=text.truncate)
 
 
 def regions_options(fn: Callable) -> Callable:

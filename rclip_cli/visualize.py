@@ -53,15 +53,17 @@ def visualize(inputs, classes, embeddings, regions, out, topk, score_thresh, htm
       rclip visualize photo.jpg --classes "cat,dog,sofa" --weights openai
       rclip visualize photos/ --rpn rpn.rclip.pt --classes lvis1203 --weights ViT.pt --out vis --html
     """
+    from rclip_core.data.class_lists import class_source
     from rclip_core.data.files import image_files, picture_outputs
     from rclip_core.io import check_outputs
     from rclip_core.region_spec import RegionSource
 
     source = RegionSource.parse(regions or "selective-search")
-    check_inputs(("--embeddings", embeddings), ("--regions", source.path))
+    check_inputs(("--regions", source.path))
     files = image_files(inputs)
     png_names, outputs = picture_outputs(files, html=html)
-    check_outputs(*(out / name for name in outputs), force=force)  # before torch is imported
+    check_outputs(*(out / name for name in outputs), force=force)  # all before torch is imported
+    wanted = class_source(classes, embeddings, default=DEFAULT_CLASSES)
 
     from rclip_cli.common import class_embeddings, load_clip
     from rclip_core.visualize import RANDOM_WEIGHTS_NOTICE, write_visualization
@@ -70,7 +72,7 @@ def visualize(inputs, classes, embeddings, regions, out, topk, score_thresh, htm
     source.check_available()
     device = get_device()
     clip = load_clip(recipe, device)
-    emb = class_embeddings(clip, recipe, classes=classes, embeddings=embeddings, default=DEFAULT_CLASSES)
+    emb = class_embeddings(clip, recipe, wanted, embeddings)
     images = prepare_images(emb.names, source, inputs=files, match_names=False)
     with make_progress() as progress:
         task = progress.add_task("recognising", total=len(images.records), rate="")

@@ -56,8 +56,10 @@ def zeroshot(image_dir, classes, embeddings, regions, annotations, out, limit, s
     summary_path, images_path = (out.with_name(out.stem + s) for s in (".summary.json", ".images.json"))
     folder_mode = source.kind != "gt" and annotations is None
     check_outputs(out, summary_path, *((images_path,) if folder_mode else ()), force=force)
-    check_inputs(("--embeddings", embeddings), ("--annotations", annotations), ("--regions", source.path),
-                 folders=(("--images", image_dir),))
+    check_inputs(("--annotations", annotations), ("--regions", source.path), folders=(("--images", image_dir),))
+    from rclip_core.data.class_lists import class_source
+
+    wanted = class_source(classes, embeddings)  # all before torch is imported
 
     from rclip_cli.common import class_embeddings, load_clip
     from rclip_core.io import write_json
@@ -66,7 +68,7 @@ def zeroshot(image_dir, classes, embeddings, regions, annotations, out, limit, s
     source.check_available()
     device = get_device()
     clip = load_clip(recipe, device)
-    emb = class_embeddings(clip, recipe, classes=classes, embeddings=embeddings)
+    emb = class_embeddings(clip, recipe, wanted, embeddings)
     images = prepare_images(emb.names, source, image_dir=image_dir, annotations=annotations,
                             embedding_ids=emb.category_ids, limit=limit, names_source=embeddings or "--classes")
     with make_progress() as progress:

@@ -92,11 +92,11 @@ def category_ids_for(names: list[str], categories: list[dict], source: object = 
     Raises:
         RclipError: a name has no category in the annotation file (the ids would be wrong for evaluation).
     """
-    from rclip_core.text_embed import clean_name
+    from rclip_core.data.class_lists import name_key
 
-    by_name = {clean_name(c["name"]).lower(): int(c["id"]) for c in categories}
-    missing = [n for n in names if clean_name(n).lower() not in by_name]
+    by_name = {name_key(c["name"]): int(c["id"]) for c in categories}
+    missing = [n for n in names if name_key(n) not in by_name]
     if missing:
         shown = ", ".join(repr(m) for m in missing[:5]) + (f" ... ({len(missing)} in all)" if len(missing) > 5 else "")
         raise RclipError(f"{source}: names not among the annotation file's categories: {shown}")
-    return [by_name[clean_name(n).lower()] for n in names]
+    return [by_name[name_key(n)] for n in names]

@@ -183,9 +183,9 @@ def render_pictures(records, image_dir, results: list[dict], names: dict[int, st
     Returns:
         (entries for :func:`html_index`, images without detections drawn).
     """
+    from rclip_core.data.class_lists import name_key
     from rclip_core.data.transforms import read_image
     from rclip_core.io import atomic_open
-    from rclip_core.text_embed import clean_name
 
     by_image: dict[int, list[dict]] = {}
     for d in results:
@@ -194,8 +194,8 @@ def render_pictures(records, image_dir, results: list[dict], names: dict[int, st
     entries, empty = [], 0
     if gt_names is not None:
         # Verdicts compare names: classes are numbered by row, the annotation file has its own ids.
-        truth = {i: clean_name(n).casefold() for i, n in gt_names.items()}
-        by_name = {k: clean_name(n).casefold() for k, n in names.items()}
+        truth = {i: name_key(n) for i, n in gt_names.items()}
+        by_name = {k: name_key(n) for k, n in names.items()}
 
         def is_right(pred: int, true: int) -> bool:
             return by_name.get(pred) == truth.get(true)

@@ -88,8 +88,9 @@ def test_recipes_folder_is_not_empty():
 def test_shipped_recipes_by_name_from_any_folder_and_packaged(tmp_path, monkeypatch):
     """`--recipe zeroshot_rn50_coco_gt` works outside the repository: names resolve to the package's own files,
     which the wheel ships (package-data), not to a recipes/ folder in the working directory."""
-    import tomllib
     from pathlib import Path
+
+    import tomllib
 
     from rclip_core.recipes import RECIPE_DIR, shipped_recipes
 
