@@ -2,7 +2,8 @@
 
 Boxes are outlined in their class colour; each label sits on a filled band of that colour, in black or white
 (whichever contrasts more), in Pillow's scalable default font sized to the picture, so labels stay legible on a
-640-pixel photo and on a zoomed 128-pixel toy scene alike. Pictures made with random weights carry a red banner.
+640-pixel photo and on a zoomed 128-pixel toy scene alike. Pictures made with random weights carry a red band with
+the notice above the picture (added, so it hides no box or label).
 """
 
 from __future__ import annotations
@@ -51,28 +52,37 @@ def draw_labeled_boxes(image: Image.Image, boxes: Sequence[Sequence[float]], lab
     draw = ImageDraw.Draw(out)
     font = font_for(out.size)
     width = width or max(1, round(min(out.size) / 200))
+    for box, color in zip(boxes, colors):  # every outline first, so no outline crosses a label
+        draw.rectangle(tuple(float(v) for v in box), outline=color, width=width)
+    placed: list[tuple[float, float, float, float]] = []
     for box, label, color in zip(boxes, labels, colors):
-        x0, y0, x1, y1 = (float(v) for v in box)
-        draw.rectangle((x0, y0, x1, y1), outline=color, width=width)
         if not label:
             continue
+        x0, y0, x1, y1 = (float(v) for v in box)
         left, top, right, bottom = draw.textbbox((0, 0), label, font=font)
         tw, th = right - left + 4, bottom - top + 4
-        ty = y0 - th if y0 - th >= 0 else y0  # above the box, or inside it at the top edge
         tx = min(max(0.0, x0), max(0.0, out.width - tw))
+        # Above the box; else inside it at the top, inside at the bottom, below it: the first spot that fits in
+        # the picture and covers no label already drawn (crowded scenes), else the first that fits.
+        spots = [y for y in (y0 - th, y0, y1 - th, y1) if 0 <= y <= out.height - th] or [max(0.0, y0)]
+        ty = next((y for y in spots if not any(tx < r[2] and r[0] < tx + tw and y < r[3] and r[1] < y + th
+                                               for r in placed)), spots[0])
+        placed.append((tx, ty, tx + tw, ty + th))
         draw.rectangle((tx, ty, tx + tw, ty + th), fill=color)
         draw.text((tx + 2 - left, ty + 2 - top), label, fill=text_color(color), font=font)
     return out
 
 
 def draw_banner(image: Image.Image, text: str, color: tuple[int, int, int] = WRONG) -> Image.Image:
-    """``text`` on a band across the top of the picture (e.g. the random-weights notice); a new image."""
-    out = image.convert("RGB").copy()
-    draw = ImageDraw.Draw(out)
-    font = font_for(out.size)
-    left, top, _, bottom = draw.textbbox((0, 0), text, font=font)
-    draw.rectangle((0, 0, out.width, bottom - top + 6), fill=color)
-    draw.text((4 - left, 3 - top), text, fill=text_color(color), font=font)
+    """``text`` on a band of ``color`` added above the picture (e.g. the random-weights notice): a new, taller
+    image; the picture itself, its boxes and their labels stay whole and visible below the band."""
+    image = image.convert("RGB")
+    font = font_for(image.size)
+    left, top, right, bottom = ImageDraw.Draw(image).textbbox((0, 0), text, font=font)
+    band = bottom - top + 8
+    out = Image.new("RGB", (image.width, image.height + band), color)
+    out.paste(image, (0, band))
+    ImageDraw.Draw(out).text((4 - left, 4 - top), text, fill=text_color(color), font=font)
     return out
 
 

@@ -40,6 +40,10 @@ def test_gt_boxes_are_drawn_on_a_real_photo(astronaut, tmp_path):
     assert "1 unreadable skipped" in res.output
     drawn = np.asarray(Image.open(out / "astronaut.png").convert("RGB")).astype(int)
     original = np.asarray(Image.open(astronaut["dir"] / "astronaut.jpg").convert("RGB")).astype(int)
+    band = drawn.shape[0] - original.shape[0]  # the random-weights notice, a band added above the picture
+    assert drawn.shape[1] == original.shape[1] and 10 < band < 60
+    assert (drawn[:band, :, 0] > 180).mean() > 0.7  # red
+    drawn = drawn[band:]
     x, y, w, h = astronaut["boxes"]["face"]
     edge = np.abs(drawn[y + 1, x + 5: x + w - 5] - original[y + 1, x + 5: x + w - 5]).sum()
     inside = np.abs(drawn[y + h // 2, x + w // 2] - original[y + h // 2, x + w // 2]).sum()
@@ -90,10 +94,15 @@ def test_first_run_on_a_photo_with_no_flag_but_the_image(tmp_path, monkeypatch):
     assert {d["category_id"] for d in report["detections"]} <= {1, 2, 3} and report["classes"][0] == "cup"
     drawn = np.asarray(Image.open(out / "coffee.png").convert("RGB")).astype(int)
     original = np.asarray(Image.open(tmp_path / "coffee.jpg").convert("RGB")).astype(int)
+    drawn = drawn[drawn.shape[0] - original.shape[0]:]  # below the notice band
     best = max(report["detections"], key=lambda d: d["score"])
     x, y, w, h = (int(round(v)) for v in best["bbox"])
     ys = min(y + h // 2, 399)
-    assert np.abs(drawn[ys, x:x + 3] - original[ys, x:x + 3]).sum() > 100 or y < 30  # its outline was drawn
+    assert np.abs(drawn[ys, x:x + 3] - original[ys, x:x + 3]).sum() > 100  # its outline was drawn
+    from rclip_core.visualize import class_color
+
+    near = drawn[max(0, y - 40): y + 40, x: x + 80].reshape(-1, 3)
+    assert (near == class_color(best["category_id"])).all(axis=1).sum() > 100  # its label's filled band
     html = (out / "index.html").read_text()
     best_name = report["classes"][best["category_id"] - 1]
     assert "RANDOM WEIGHTS" in html and 'type="range"' in html and f'<option value="{best_name}">' in html
