@@ -225,6 +225,13 @@ def regions_options(fn: Callable) -> Callable:
     return wrapper
 
 
+def limit_options(fn: Callable) -> Callable:
+    """``--limit N`` (only the first N images) and ``--strict`` (stop at an unreadable image), for commands that run
+    over a folder or an annotation file's images."""
+    fn = click.option("--strict", is_flag=True, help="Stop at an unreadable image instead of skipping it.")(fn)
+    return click.option("--limit", type=click.IntRange(min=1), default=None, help="Only the first N images.")(fn)
+
+
 def device_option(fn: Callable) -> Callable:
     """``--device`` after the subcommand too (the same as ``rclip --device``)."""
 

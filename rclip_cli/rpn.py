@@ -13,6 +13,7 @@ from rclip_cli.common import (
     device_option,
     force_option,
     get_device,
+    limit_options,
     make_progress,
     progress_callback,
     raw_recipe_options,
@@ -91,8 +92,7 @@ def train(train_ann: Path, image_dir: Path, out: Path, steps: int | None, resume
 @click.option("--rpn", "--checkpoint", "checkpoint", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="rclip RPN checkpoint (`rclip rpn train` / `rclip rpn convert`); --checkpoint is its old name.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Proposals JSON.")
-@click.option("--limit", type=click.IntRange(min=1), default=None, help="Only the first N images.")
-@click.option("--strict", is_flag=True, help="Stop at an unreadable image instead of skipping it.")
+@limit_options
 @force_option
 @device_option
 @raw_recipe_options

@@ -14,6 +14,7 @@ from rclip_cli.common import (
     device_option,
     force_option,
     get_device,
+    limit_options,
     make_progress,
     model_options,
     progress_callback,
@@ -32,8 +33,7 @@ from rclip_core.io import check_outputs
 @click.option("--annotations", type=click.Path(dir_okay=False, path_type=Path),
               help="With proposals or an RPN: a COCO/LVIS JSON listing the images and categories (ids kept for eval).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Detections JSON.")
-@click.option("--limit", type=click.IntRange(min=1), default=None, help="Only the first N images.")
-@click.option("--strict", is_flag=True, help="Stop at an unreadable image instead of skipping it.")
+@limit_options
 @force_option
 @device_option
 @recipe_options
