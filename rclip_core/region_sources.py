@@ -33,14 +33,15 @@ class SelectiveSearch(nn.Module):
     """OpenCV selective search proposals (Uijlings et al. 2013), ranked as OpenCV returns them.
 
     Args:
-        mode: ``"fast"`` (OpenCV's switchToSelectiveSearchFast) or ``"quality"``.
-        topk: keep the first ``topk`` boxes.
+        mode: ``"fast"`` (OpenCV's switchToSelectiveSearchFast) or ``"quality"`` (``--regions
+            selective-search[:quality]``).
+        topk: keep the first ``topk`` boxes (the recipe's ``zeroshot.selective_search_topk``).
         max_side: segment a copy scaled so its longer side is at most this (selective search's cost grows with the
             pixel count; boxes are scaled back).
         min_size: drop boxes narrower or lower than this (pixels of the input image).
     """
 
-    def __init__(self, *, mode: str = "fast", topk: int = 1000, max_side: int = 500, min_size: float = 8.0) -> None:
+    def __init__(self, *, mode: str, topk: int, max_side: int = 500, min_size: float = 8.0) -> None:
         super().__init__()
         try:
             import cv2
@@ -109,10 +110,11 @@ class TorchvisionRPN(nn.Module):
 
     Args:
         weights: a state-dict file of ``fasterrcnn_resnet50_fpn`` (see :func:`torchvision_rpn_weights`).
-        topk: proposals per image after NMS (torchvision's test default is 1000).
+        topk: proposals per image after NMS (the recipe's ``zeroshot.num_proposals``; torchvision's test default is
+            1000 too).
     """
 
-    def __init__(self, weights: str | os.PathLike, *, topk: int = 1000) -> None:
+    def __init__(self, weights: str | os.PathLike, *, topk: int) -> None:
         super().__init__()
         from torchvision.models.detection import fasterrcnn_resnet50_fpn
 

@@ -76,6 +76,10 @@ def cases(d):
         "wrong checkpoint": ([*gt, "--weights", d / "garbage.pt"], "not a readable weights file"),
         "unknown region source": ([*zs, "--regions", "magic", "--classes", "cat"], "unknown region source 'magic'"),
         "two region sources": ([*gt, "--rpn", d / "garbage.pt"], "give one region source"),
+        "torchvision RPN weights absent": ([*zs, "--regions", "torchvision-rpn", "--classes", "cat"],
+                                           "weights are not in torch's cache"),
+        "torchvision RPN weights file missing": ([*vis, "--regions", f"torchvision-rpn:{d / 'none.pth'}"],
+                                                 "--regions: file not found"),
         "negative topk": ([*vis, "--topk", "-1"], "Invalid value for '--topk'"),
         "threshold above 1": ([*vis, "--score-thresh", "2"], "Invalid value for '--score-thresh'"),
         "unknown built-in list": (["embed", "--builtin", "coco81", "--variant", "tiny", "--out", d / "e.pt"],
@@ -106,7 +110,8 @@ CASE_NAMES = list(cases(__import__("pathlib").Path("/x")))
 
 
 @pytest.mark.parametrize("name", CASE_NAMES)
-def test_bad_input_is_one_line_and_writes_nothing(run_dir, name):
+def test_bad_input_is_one_line_and_writes_nothing(run_dir, name, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(run_dir / "torch-home"))  # an empty torch cache (no torchvision weights)
     for i, (data, _) in enumerate(ANNOTATION_CASES.values()):
         (run_dir / f"case_{i}.json").write_text(json.dumps(data))
     before = sorted(p.relative_to(run_dir) for p in run_dir.rglob("*"))

@@ -60,15 +60,17 @@ def builtin_names(which: str) -> tuple[list[str], list[int]]:
     ``lvis866`` (LVIS base: common + frequent)."""
     from rclip_core.data import categories as C
 
-    if which == "coco80":
-        cats = C.coco_categories()
-    elif which in ("coco65", "coco48", "coco17"):
-        want = {"coco65": ("base", "novel"), "coco48": ("base",), "coco17": ("novel",)}[which]
-        cats = [c for c in C.coco_ovd_categories() if c["split"] in want]
-    elif which in ("lvis1203", "lvis866"):
-        cats = [c for c in C.lvis_categories() if which == "lvis1203" or c["frequency"] != "r"]
-    else:
+    # The base/novel rule is data.categories.category_splits, used here as by evaluation and training.
+    subsets = {"coco80": (C.coco_categories, None), "coco65": (C.coco_categories, ("base", "novel")),
+               "coco48": (C.coco_categories, ("base",)), "coco17": (C.coco_categories, ("novel",)),
+               "lvis1203": (C.lvis_categories, None), "lvis866": (C.lvis_categories, ("base",))}
+    if which not in subsets:
         raise RclipError(f"unknown built-in class list '{which}'; available: {', '.join(BUILTIN_LISTS)}")
+    everything, want = subsets[which]
+    cats = everything()
+    if want is not None:
+        split = C.category_splits(cats)
+        cats = [c for c in cats if split[int(c["id"])] in want]
     return [c["name"] for c in cats], [int(c["id"]) for c in cats]
 
 
