@@ -74,6 +74,9 @@ def cases(d):
         "missing embeddings": ([*zs, "--gt-boxes", d / "ann.json", "--embeddings", d / "none.pt"],
                                "--embeddings: file not found"),
         "wrong checkpoint": ([*gt, "--weights", d / "garbage.pt"], "not a readable weights file"),
+        "checkpoint of another variant": ([*gt[:3], "--out", d / "new" / "dets.json", "--gt-boxes", d / "ann.json",
+                                           "--classes", "cat,dog", "--weights", d / "tiny.pt", "--variant", "RN50"],
+                                          "is a tiny checkpoint, but the variant asked for is RN50"),
         "unknown region source": ([*zs, "--regions", "magic", "--classes", "cat"], "unknown region source 'magic'"),
         "two region sources": ([*gt, "--rpn", d / "garbage.pt"], "give one region source"),
         "torchvision RPN weights absent": ([*zs, "--regions", "torchvision-rpn", "--classes", "cat"],
@@ -114,6 +117,11 @@ def test_bad_input_is_one_line_and_writes_nothing(run_dir, name, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(run_dir / "torch-home"))  # an empty torch cache (no torchvision weights)
     for i, (data, _) in enumerate(ANNOTATION_CASES.values()):
         (run_dir / f"case_{i}.json").write_text(json.dumps(data))
+    if name == "checkpoint of another variant":
+        from rclip_core.checkpoint import save_checkpoint
+        from rclip_core.clip_backbone import create_clip
+
+        save_checkpoint(run_dir / "tiny.pt", create_clip("tiny"), recipe={"model": {"variant": "tiny"}})
     before = sorted(p.relative_to(run_dir) for p in run_dir.rglob("*"))
     args, fragment = cases(run_dir)[name]
     result = CliRunner().invoke(cli, [str(a) for a in args])
