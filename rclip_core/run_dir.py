@@ -38,8 +38,8 @@ def prepare_run_dir(out: str | os.PathLike, recipe_path: str | None, overrides: 
                     resume: bool, force: bool, check: Callable[[Any], None] | None = None):
     """The recipe of a training run in ``out``, after the checks every training command makes before any work:
 
-    - a fresh run: an ``out`` holding a checkpoint is refused unless ``force`` (which replaces only the run's own
-      files: checkpoint, metrics, recipe);
+    - a fresh run: an ``out`` holding a run's file (checkpoint, metrics or recipe, e.g. of a run that crashed
+      before its first checkpoint) is refused unless ``force``, which replaces only those files;
     - ``resume``: ``out/checkpoint.pt`` must exist. Without ``recipe_path`` the run continues with the checkpoint's
       recipe (``overrides`` applied to it); the result must equal the stored recipe, or the differing keys are named
       (with ``force`` the new values win).
@@ -51,8 +51,11 @@ def prepare_run_dir(out: str | os.PathLike, recipe_path: str | None, overrides: 
 
     out = Path(out)
     ckpt = out / CHECKPOINT_NAME
-    if not resume and ckpt.exists() and not force:
-        raise RclipError(f"{out} already holds a run ({ckpt}); pass --resume to continue it or --force to start over")
+    if not resume and not force:
+        held = [out / n for n in (CHECKPOINT_NAME, METRICS_NAME, RECIPE_NAME) if (out / n).exists()]
+        if held:
+            raise RclipError(f"{out} already holds a run ({held[0]}); pass --resume to continue it or --force to "
+                             "start over")
     if resume and not ckpt.is_file():
         raise RclipError(f"nothing to resume: {ckpt} does not exist")
     if resume:

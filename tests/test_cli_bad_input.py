@@ -49,6 +49,8 @@ def run_dir(tmp_path):
     (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint")
     (tmp_path / "bad.yaml").write_text("zeroshot: [unclosed\n")
     (tmp_path / "empty.txt").write_text("\n")
+    (tmp_path / "crashed").mkdir()  # a run that died before its first checkpoint
+    (tmp_path / "crashed" / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
     return tmp_path
 
 
@@ -102,6 +104,9 @@ def cases(d):
         "empty class list, new picture folder": ([*vis, "--classes", " , "], "the class list is empty"),
         "missing picture": (["visualize", d / "nope.jpg", "--variant", "tiny", "--out", d / "vis"],
                             "no such image or folder"),
+        "run folder of a crashed run": (["rpn", "train", "--recipe", "rpn_r10c4_toyworld_base", "--annotations",
+                                         d / "ann.json", "--images", d / "images", "--out", d / "crashed"],
+                                        "already holds a run"),
         "pretrain recipe without its inputs": (["pretrain", "demo_tiny_toyworld", "--out", d / "run"],
                                                "pretrain.captions is not set"),
         **{f"annotation: {k}": ([*zs, "--gt-boxes", d / f"case_{i}.json", "--classes", "cat,dog"], frag)
