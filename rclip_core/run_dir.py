@@ -44,7 +44,8 @@ def prepare_run_dir(out: str | os.PathLike, recipe_path: str | None, overrides: 
       recipe (``overrides`` applied to it); the result must equal the stored recipe, or the differing keys are named
       (with ``force`` the new values win).
 
-    ``check(recipe)`` refuses unusable inputs before anything is written. Writes ``out/recipe.yaml`` (rank 0).
+    ``check(recipe)`` refuses unusable inputs. Nothing is written: the engine writes the run's files (recipe,
+    metrics, checkpoint) once training starts, so a run refused or failing before that leaves no folder behind.
     Returns the built recipe.
     """
     from rclip_core.recipes import load_recipe, recipe_to_dict
@@ -73,10 +74,4 @@ def prepare_run_dir(out: str | os.PathLike, recipe_path: str | None, overrides: 
         recipe = load_recipe(recipe_path, overrides)
     if check is not None:
         check(recipe)
-    from rclip_core import distributed as D
-    from rclip_core.recipes import save_recipe
-
-    if D.is_main():
-        out.mkdir(parents=True, exist_ok=True)
-        save_recipe(recipe, out / RECIPE_NAME, force=True)
     return recipe

@@ -107,6 +107,12 @@ def cases(d):
         "run folder of a crashed run": (["rpn", "train", "--recipe", "rpn_r10c4_toyworld_base", "--annotations",
                                          d / "ann.json", "--images", d / "images", "--out", d / "crashed"],
                                         "already holds a run"),
+        "malformed training annotations": (["rpn", "train", "--recipe", "rpn_r10c4_toyworld_base", "--annotations",
+                                            d / "broken.json", "--images", d / "images", "--out", d / "new" / "run"],
+                                           "malformed JSON"),
+        "training images missing": (["rpn", "train", "--recipe", "rpn_r10c4_toyworld_base", "--annotations",
+                                     d / "case_0.json", "--images", d / "vocab_only", "--out", d / "new" / "run"],
+                                    "folder not found"),
         "pretrain recipe without its inputs": (["pretrain", "demo_tiny_toyworld", "--out", d / "run"],
                                                "pretrain.captions is not set"),
         **{f"annotation: {k}": ([*zs, "--gt-boxes", d / f"case_{i}.json", "--classes", "cat,dog"], frag)
