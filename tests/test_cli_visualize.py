@@ -137,3 +137,40 @@ def test_torchvision_rpn_regions_on_a_real_photo(tmp_path):
     assert len(boxes) > 0 and (boxes[:, :2] >= 0).all() and (boxes[:, 2:] > 0).all()
     assert (boxes[:, 0] + boxes[:, 2] <= 451 + 1e-3).all() and (boxes[:, 1] + boxes[:, 3] <= 300 + 1e-3).all()
     assert "torchvision&#x27;s COCO Faster R-CNN RPN" in (out / "index.html").read_text()
+
+
+def test_same_stems_umask_and_force_replacing_only_its_own_files(tmp_path):
+    """Three inputs named pic (a/pic.jpg, a/pic.png, b/pic.jpg) give three pictures; outputs get the user's umask
+    (not mkstemp's 0600); --force replaces the command's own files and nothing else in the folder."""
+    import os
+    import stat
+
+    rng = np.random.default_rng(0)
+    for rel in ("a/pic.jpg", "a/pic.png", "b/pic.jpg"):
+        (tmp_path / rel).parent.mkdir(exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (64, 80, 3), dtype=np.uint8)).save(tmp_path / rel)
+    out = tmp_path / "vis"
+    args = ["visualize", str(tmp_path / "a"), str(tmp_path / "b" / "pic.jpg"), str(tmp_path / "a" / "pic.png"),
+            "--classes", "cat,dog", "--variant", "tiny", "--out", str(out), "--html", "--set", "input.min_size=64"]
+    old = os.umask(0o027)
+    try:
+        res = CliRunner().invoke(cli, args)
+    finally:
+        os.umask(old)
+    assert res.exit_code == 0, res.output
+    written = sorted(p.name for p in out.iterdir())
+    assert written == ["a_pic_jpg.png", "b_pic_jpg.png", "detections.json", "index.html", "pic_png.png"]
+    assert {stat.S_IMODE((out / n).stat().st_mode) for n in written} == {0o640}
+    report = json.loads((out / "detections.json").read_text())
+    assert len(report["images"]) == 3  # a/pic.png given twice (in its folder and by name) runs once
+
+    (out / "mine.txt").write_text("the user's")
+    (out / "old.png").write_bytes(b"a picture of an earlier run with other inputs")
+    before = (out / "a_pic_jpg.png").stat().st_mtime_ns
+    again = CliRunner().invoke(cli, args)
+    assert again.exit_code == 1 and "already exists; pass --force" in again.output
+    forced = CliRunner().invoke(cli, [*args, "--force"])
+    assert forced.exit_code == 0, forced.output
+    assert (out / "mine.txt").read_text() == "the user's" and (out / "old.png").is_file()
+    assert (out / "a_pic_jpg.png").stat().st_mtime_ns >= before
+    assert sorted(p.name for p in out.iterdir()) == sorted([*written, "mine.txt", "old.png"])
