@@ -230,7 +230,8 @@ def render_pictures(records, image_dir, results: list[dict], names: dict[int, st
         entries.append({"image": pngs[rec.id], "source": str(rec.file_name), "size": list(image.size),
                         "thumbnail": _thumbnail_uri(image),
                         "detections": [{"name": names.get(d["category_id"], str(d["category_id"])),
-                                        "score": round(float(d["score"]), 4), "bbox": d["bbox"]} for d in shown],
+                                        "score": round(float(d["score"]), 4), "bbox": d["bbox"],
+                                        "color": class_color(int(d["category_id"]))} for d in shown],
                         "labels": [f"{names.get(d['category_id'], d['category_id'])} {d['score']:.2f}" for d in dets]})
     return entries, empty
 
@@ -318,12 +319,19 @@ def html_index(entries: list[dict], title: str = "rclip detections", *, source: 
         rects = []
         for d in e.get("detections", []):
             x, y, bw, bh = d["bbox"]
-            color = "#{:02x}{:02x}{:02x}".format(*class_color(sum(map(ord, d["name"]))))
-            label = escape(f"{d['name']} {d['score']:.2f}")
+            rgb = tuple(d.get("color") or class_color(sum(map(ord, d["name"]))))  # as the picture colours it
+            color, ink = ("#{:02x}{:02x}{:02x}".format(*c) for c in (rgb, text_color(rgb)))
+            text = f"{d['name']} {d['score']:.2f}"
+            # The label on a filled band of the box colour (the picture's style); its width estimated from the
+            # font size, as the page has no text metrics before it is drawn.
+            fs = max(10.0, min(w, h) / 25)
+            lw, lh = 0.58 * fs * len(text) + 0.4 * fs, 1.25 * fs
+            ly = y - lh if y - lh >= 0 else y
             rects.append(f'<g data-score="{d["score"]}" data-name="{escape(d["name"])}"><rect x="{x}" y="{y}" '
                          f'width="{bw}" height="{bh}" fill="none" stroke="{color}" stroke-width="{max(w, h) / 200:.1f}"'
-                         f'/><text x="{x}" y="{max(y - 2, 10)}" font-size="{max(10, min(w, h) / 25):.0f}" '
-                         f'fill="{color}" stroke="black" stroke-width="0.4">{label}</text></g>')
+                         f'/><rect x="{x}" y="{ly:.1f}" width="{lw:.1f}" height="{lh:.1f}" fill="{color}"/>'
+                         f'<text x="{x + 0.2 * fs:.1f}" y="{ly + 0.95 * fs:.1f}" font-size="{fs:.0f}" '
+                         f'fill="{ink}">{escape(text)}</text></g>')
         items = "".join(f'<li data-score="{d["score"]}" data-name="{escape(d["name"])}">{escape(d["name"])} '
                         f'{d["score"]:.2f}</li>' for d in e.get("detections", []))
         figures.append(
@@ -336,7 +344,8 @@ def html_index(entries: list[dict], title: str = "rclip detections", *, source: 
     style = ("body{font-family:sans-serif;margin:1em}figure{display:inline-block;vertical-align:top;margin:.5em;"
              "width:420px}.pic{position:relative}.pic img{width:100%;display:block;border:1px solid #ccc}"
              ".pic svg{position:absolute;left:0;top:0;width:100%;height:100%}figcaption{font-size:13px}"
-             "ul{margin:.2em 0;padding-left:1.2em}.notice{background:#dc2828;color:#fff;padding:.5em;font-weight:bold}")
+             "ul{margin:.2em 0;padding-left:1.2em;max-height:9em;overflow:auto}"
+             ".notice{background:#dc2828;color:#fff;padding:.5em;font-weight:bold}")
     banner = f'<p class="notice">{escape(notice)}</p>' if notice else ""
     about = f"<p>Regions: {escape(source)}.</p>" if source else ""
     controls = (f'<p><label>score ≥ <input id="thresh" type="range" min="0" max="1" step="0.01" '
