@@ -66,14 +66,15 @@ def visualize(inputs, classes, embeddings, regions, out, topk, score_thresh, htm
     wanted = class_source(classes, embeddings, default=DEFAULT_CLASSES)
 
     from rclip_cli.common import class_embeddings, load_clip
+    from rclip_core.text_embed import class_list_of
     from rclip_core.visualize import RANDOM_WEIGHTS_NOTICE, write_visualization
     from rclip_core.zeroshot import prepare_images, run_zeroshot
 
-    source.check_available()
+    images = prepare_images(class_list_of(wanted, embeddings).names, source, inputs=files, match_names=False)
+    source.check_available()  # inputs all read and checked: now the models
     device = get_device()
     clip = load_clip(recipe, device)
     emb = class_embeddings(clip, recipe, wanted, embeddings)
-    images = prepare_images(emb.names, source, inputs=files, match_names=False)
     with make_progress() as progress:
         task = progress.add_task("recognising", total=len(images.records), rate="")
         results, summary = run_zeroshot(clip, emb.embeddings, images, source, recipe, device=device,

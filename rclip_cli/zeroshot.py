@@ -63,14 +63,16 @@ def zeroshot(image_dir, classes, embeddings, regions, annotations, out, limit, s
 
     from rclip_cli.common import class_embeddings, load_clip
     from rclip_core.io import write_json
+    from rclip_core.text_embed import class_list_of
     from rclip_core.zeroshot import prepare_images, run_zeroshot
 
-    source.check_available()
+    listed = class_list_of(wanted, embeddings)
+    images = prepare_images(listed.names, source, image_dir=image_dir, annotations=annotations,
+                            embedding_ids=listed.category_ids, limit=limit, names_source=embeddings or "--classes")
+    source.check_available()  # inputs all read and checked: now the models
     device = get_device()
     clip = load_clip(recipe, device)
     emb = class_embeddings(clip, recipe, wanted, embeddings)
-    images = prepare_images(emb.names, source, image_dir=image_dir, annotations=annotations,
-                            embedding_ids=emb.category_ids, limit=limit, names_source=embeddings or "--classes")
     with make_progress() as progress:
         task = progress.add_task("zero-shot", total=len(images.records), rate="")
         results, summary = run_zeroshot(clip, emb.embeddings, images, source, recipe, device=device, strict=strict,

@@ -192,3 +192,13 @@ def class_embeddings(encoder, classes: ClassList | None, embeddings: str | os.Pa
         return load_embeddings(embeddings, dim=encoder.out_dim, fingerprint=encoder.fingerprint())
     return embed_names(encoder, classes.names, templates=TEMPLATE_SETS[templates], batch_size=batch_size,
                        truncate=truncate, category_ids=classes.category_ids, progress=progress)
+
+
+def class_list_of(classes: ClassList | None, embeddings: str | os.PathLike | None) -> ClassList:
+    """The classes a command will name regions with, known before any model is built (so annotation files can be
+    checked first): ``classes`` itself, or the names and category ids stored in an ``embeddings`` file (checked
+    against the model later, by :func:`class_embeddings`)."""
+    if classes is not None:
+        return classes
+    stored = load_embeddings(embeddings)
+    return ClassList(stored.names, stored.category_ids, f"embeddings {embeddings}")

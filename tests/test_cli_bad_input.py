@@ -121,6 +121,7 @@ def cases(d):
 
 
 CASE_NAMES = list(cases(__import__("pathlib").Path("/x")))
+MODEL_CASES = {"wrong checkpoint", "checkpoint of another variant"}  # the culprit is the model's own file
 
 
 @pytest.mark.parametrize("name", CASE_NAMES)
@@ -135,7 +136,14 @@ def test_bad_input_is_one_line_and_writes_nothing(run_dir, name, monkeypatch):
         save_checkpoint(run_dir / "tiny.pt", create_clip("tiny"), recipe={"model": {"variant": "tiny"}})
     before = sorted(p.relative_to(run_dir) for p in run_dir.rglob("*"))
     args, fragment = cases(run_dir)[name]
+    import rclip_core.clip_backbone as cb
+
+    built = []
+    create_clip = cb.create_clip
+    monkeypatch.setattr(cb, "create_clip", lambda *a, **k: built.append(a) or create_clip(*a, **k))
     result = CliRunner().invoke(cli, [str(a) for a in args])
+    if name not in MODEL_CASES:  # inputs are read and checked before any model is built
+        assert built == [], result.output
     assert result.exit_code != 0, result.output
     lines = [ln for ln in result.output.splitlines() if ln.startswith("Error:")]
     assert len(lines) == 1 and fragment in lines[0], result.output
