@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from rclip_core import boxes as B
 from rclip_core.detector import Proposals
 from rclip_core.errors import RclipError
 
@@ -69,10 +70,7 @@ class SelectiveSearch(nn.Module):
         rects = ss.process()  # (N, 4) x, y, w, h, most promising first
         if len(rects) == 0:
             return torch.zeros((0, 4))
-        xywh = torch.as_tensor(np.asarray(rects, dtype=np.float32)) / scale
-        boxes = torch.cat([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], dim=1)
-        boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w)
-        boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h)
+        boxes = B.clip_boxes(B.xywh_to_xyxy(torch.as_tensor(np.asarray(rects, dtype=np.float32)) / scale), w, h)
         keep = ((boxes[:, 2] - boxes[:, 0]) >= self.min_size) & ((boxes[:, 3] - boxes[:, 1]) >= self.min_size)
         return boxes[keep][: self.topk]
 
@@ -149,7 +147,7 @@ class TorchvisionRPN(nn.Module):
         out_boxes, out_logits = [], []
         for b, p, (h, w), orig in zip(boxes, probs, image_list.image_sizes, originals):
             sy, sx = orig.shape[1] / h, orig.shape[2] / w  # back to the batch image's pixels
-            out_boxes.append((b * torch.tensor([sx, sy, sx, sy], device=b.device)).cpu())
+            out_boxes.append(B.scale_boxes(b, sx, sy).cpu())
             p = p.clamp(1e-6, 1 - 1e-6)
             out_logits.append(torch.log(p / (1 - p)).cpu())
         return Proposals(out_boxes, out_logits)

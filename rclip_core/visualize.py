@@ -140,7 +140,10 @@ def render(image: Image.Image, dets: list[dict], names: dict[int, str], *, zoom:
     ``zoom`` enlarges small images (nearest neighbour) first so labels stay legible; ``notice`` adds a banner.
     """
     image = _zoomed(image.convert("RGB"), zoom)
-    boxes = [[zoom * x, zoom * y, zoom * (x + w), zoom * (y + h)] for x, y, w, h in (d["bbox"] for d in dets)]
+    from rclip_core.boxes import scale_boxes, xywh_to_xyxy
+
+    boxes = scale_boxes(xywh_to_xyxy(torch.tensor([d["bbox"] for d in dets], dtype=torch.float64).reshape(-1, 4)),
+                        zoom, zoom).tolist()
     labels = [f"{names.get(d['category_id'], str(d['category_id']))} {float(d['score']):.2f}" for d in dets]
     out = draw_labeled_boxes(image, boxes, labels, [class_color(int(d["category_id"])) for d in dets], width=width)
     return draw_banner(out, notice) if notice else out
