@@ -101,7 +101,9 @@ def model_options(fn: Callable) -> Callable:
     """``--variant`` and ``--weights``: shortcuts for ``--set model.variant=...`` / ``--set model.weights=...``.
     Apply it *below* :func:`recipe_options` (nearer the function), so the recipe exists when they are merged."""
 
-    @click.option("--variant", default=None, help="CLIP variant: RN50, RN50x4 or tiny (default: the recipe's, RN50).")
+    @click.option("--variant", default=None,
+                  help="CLIP variant: RN50, RN50x4 or tiny (default: the recipe's, else the one a --weights file "
+                       "records or its shapes show, else RN50).")
     @click.option("--weights", default=None,
                   help="open_clip tag (e.g. openai; needs network), or a local .pt/.pth/.safetensors file "
                        "(ours, OpenAI's, or from `rclip weights convert`). Default: the recipe's; none = random.")

@@ -46,12 +46,14 @@ def visualize(inputs, classes, embeddings, regions, out, topk, score_thresh, htm
 
     Classes come from --classes (default: the 80 COCO names) or --embeddings; regions from --regions (default:
     OpenCV selective search, which needs no weights), an RPN (--rpn) or ground-truth boxes (--gt-boxes, each box
-    marked right or wrong). Writes OUT/<image>.png per image, OUT/detections.json and, with --html, OUT/index.html;
-    an existing file there is kept unless --force.
+    marked right or wrong). Writes OUT/<image>.png per image (a/pic.jpg and b/pic.jpg become a_pic_jpg.png and
+    b_pic_jpg.png), OUT/detections.json and, with --html, OUT/index.html; an existing file there is kept unless
+    --force, and nothing else in OUT is touched. Without --weights the model has random weights: every picture and
+    the page say so.
 
     \b
       rclip visualize photo.jpg --classes "cat,dog,sofa" --weights openai
-      rclip visualize photos/ --rpn rpn.rclip.pt --classes lvis1203 --weights ViT.pt --out vis --html
+      rclip visualize photos/ --rpn rpn.rclip.pt --classes lvis1203 --weights rn50.rclip.pt --out vis --html
     """
     from rclip_core.data.class_lists import class_source
     from rclip_core.data.files import image_files, picture_outputs
