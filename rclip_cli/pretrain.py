@@ -35,8 +35,8 @@ def pretrain(recipe_path: str, out: Path, resume: bool, force: bool, overrides: 
     \b
     The toy-world chain (see `rclip demo`, which runs it in one go):
       rclip vocab build toy/captions_train.json --out concepts.txt --min-freq 5
-      rclip embed --names concepts.txt --weights teacher/checkpoint.pt --variant tiny --out concepts.pt
-      rclip rpn train --recipe rpn_r10c4_toyworld_base --train-ann toy/instances_train.json --images toy/images \\
+      rclip embed --classes concepts.txt --weights teacher/checkpoint.pt --variant tiny --out concepts.pt
+      rclip rpn train --recipe rpn_r10c4_toyworld_base --annotations toy/instances_train.json --images toy/images \\
           --out rpn
       rclip pretrain pretrain_tiny_toyworld --out student --set model.weights=teacher/checkpoint.pt \\
           --set pretrain.captions=toy/captions_train.json --set pretrain.images=toy/images \\

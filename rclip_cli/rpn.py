@@ -49,7 +49,7 @@ def train(train_ann: Path, image_dir: Path, out: Path, steps: int | None, resume
     """Train the RPN (SGD, warm-up, step schedule; checkpoints every rpn.train.checkpoint_every steps).
 
     \b
-        rclip rpn train --recipe recipes/rpn_r10c4_toyworld_base.yaml --train-ann instances_train.json \\
+        rclip rpn train --recipe recipes/rpn_r10c4_toyworld_base.yaml --annotations instances_train.json \\
             --images images --out runs/rpn
     """
     from rclip_core.run_dir import CHECKPOINT_NAME, prepare_run_dir
@@ -104,7 +104,7 @@ def propose(image_dir: Path, annotations: Path | None, checkpoint: Path, out: Pa
 
     \b
         rclip rpn propose --images val2017 --annotations instances_val2017.json \\
-            --checkpoint rpn_lvis_866.rclip.pt --recipe recipes/rpn_r50fpn_lvis_zsinf.yaml --out proposals.json
+            --rpn rpn_lvis_866.rclip.pt --recipe recipes/rpn_r50fpn_lvis_zsinf.yaml --out proposals.json
     """
     check_outputs(out, force=force)  # before torch is imported
     check_inputs(("--rpn", checkpoint), ("--annotations", annotations), folders=(("--images", image_dir),))

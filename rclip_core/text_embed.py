@@ -139,7 +139,7 @@ def load_embeddings(path: str | os.PathLike, *, dim: int | None = None, fingerpr
     obj = read_torch_file(p, what="embedding file")
     if isinstance(obj, Tensor):
         raise RclipError(f"{p}: a bare [K, D] tensor (original RegionCLIP format); convert it first with "
-                         "`rclip embed --import-bare FILE --names NAMES.txt`")
+                         "`rclip embed --import-bare FILE --classes NAMES.txt`")
     if not isinstance(obj, dict) or not {"names", "embeddings"} <= set(obj):
         raise RclipError(f"{p}: not an rclip embedding file (expected keys names, embeddings, templates, model)")
     emb = Embeddings(names=list(obj["names"]), embeddings=obj["embeddings"].float(),

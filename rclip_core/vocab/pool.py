@@ -1,7 +1,7 @@
 """Vocabularies: thresholding counts, the text + JSON files, and the checks users run before pretraining on one.
 
 File contract: a vocabulary file is UTF-8 text, one concept per line, most frequent first, without counts (the
-original release's readers keep the text before the first comma, and ``rclip embed --names`` reads one name per line).
+original release's readers keep the text before the first comma, and ``rclip embed --classes`` reads one name per line).
 Counts and provenance go in a JSON beside it: ``concepts.txt`` → ``concepts.json``, whose ``"format"`` is
 ``rclip-vocab/1``.
 """
