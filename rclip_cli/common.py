@@ -22,6 +22,10 @@ from rich.progress import (
 
 from rclip_core.errors import RclipError
 
+# Moved to the core (torch-free) and importable from here as before, for the commands that use them.
+from rclip_core.io import check_outputs  # noqa: F401
+from rclip_core.run_dir import prepare_run_dir, recipe_differences  # noqa: F401
+
 # Progress and logs go to stderr, so stdout stays clean for results that may be piped.
 console = Console(stderr=True)
 

@@ -20,7 +20,16 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from rclip_core.data.class_lists import ClassList, clean_name
+# The class-list helpers live in data/class_lists.py (torch-free); these names stay importable from here too.
+from rclip_core.data.class_lists import (  # noqa: F401
+    BUILTIN_LISTS,
+    ClassList,
+    builtin_names,
+    categories_from_json,
+    clean_name,
+    names_from_text,
+    resolve_classes,
+)
 from rclip_core.errors import RclipError
 
 log = logging.getLogger(__name__)

@@ -18,6 +18,8 @@ from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 from torchvision.utils import make_grid
 
+from rclip_core.data.files import picture_names  # noqa: F401  (its home; importable here as before)
+
 RIGHT, WRONG = (40, 170, 60), (220, 40, 40)
 RANDOM_WEIGHTS_NOTICE = "RANDOM WEIGHTS - labels are meaningless"
 
