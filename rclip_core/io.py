@@ -17,15 +17,17 @@ from typing import IO, Any
 from rclip_core.errors import RclipError
 
 
-def check_writable(path: str | os.PathLike, *, force: bool) -> Path:
-    """Refuse to overwrite ``path`` unless ``force`` (or when it is a folder). Creates nothing: a check made before
-    any work leaves no empty folder behind when the run is refused or fails (:func:`atomic_open` makes the folder
-    when the output is written). Returns the path."""
+def check_writable(path: str | os.PathLike, *, force: bool, create_parent: bool = False) -> Path:
+    """Refuse to overwrite ``path`` unless ``force`` (or when it is a folder). Creates nothing unless
+    ``create_parent``: a check made before any work leaves no empty folder behind when the run is refused or fails
+    (:func:`atomic_open` makes the folder when the output is written). Returns the path."""
     p = Path(path)
     if p.is_dir():
         raise RclipError(f"{p} is a folder, not a file")
     if p.exists() and not force:
         raise RclipError(f"{p} already exists; pass --force to overwrite it")
+    if create_parent:
+        p.parent.mkdir(parents=True, exist_ok=True)
     return p
 
 
