@@ -22,6 +22,10 @@ from rich.progress import (
 
 from rclip_core.errors import RclipError
 
+# Moved to the core (torch-free) and importable from here as before, for the commands that use them.
+from rclip_core.io import check_outputs  # noqa: F401
+from rclip_core.run_dir import prepare_run_dir, recipe_differences  # noqa: F401
+
 # Progress and logs go to stderr, so stdout stays clean for results that may be piped.
 console = Console(stderr=True)
 
@@ -101,7 +105,9 @@ def model_options(fn: Callable) -> Callable:
     """``--variant`` and ``--weights``: shortcuts for ``--set model.variant=...`` / ``--set model.weights=...``.
     Apply it *below* :func:`recipe_options` (nearer the function), so the recipe exists when they are merged."""
 
-    @click.option("--variant", default=None, help="CLIP variant: RN50, RN50x4 or tiny (default: the recipe's, RN50).")
+    @click.option("--variant", default=None,
+                  help="CLIP variant: RN50, RN50x4 or tiny (default: the recipe's, else the one a --weights file "
+                       "records or its shapes show, else RN50).")
     @click.option("--weights", default=None,
                   help="open_clip tag (e.g. openai; needs network), or a local .pt/.pth/.safetensors file "
                        "(ours, OpenAI's, or from `rclip weights convert`). Default: the recipe's; none = random.")
@@ -143,8 +149,10 @@ def progress_callback(progress: Progress, task: Any, unit: str) -> Callable[[int
     start = time.perf_counter()
 
     def update(done: int) -> None:
-        rate = done / max(time.perf_counter() - start, 1e-9)
-        progress.update(task, completed=done, rate=f"{rate:.1f} {unit}/s")
+        seconds = max(time.perf_counter() - start, 1e-9)
+        # Slow work (a photo through RN50 on a CPU) reads better as seconds per item than as "0.0 img/s".
+        shown = f"{done / seconds:.1f} {unit}/s" if done >= seconds else f"{seconds / max(done, 1):.1f} s/{unit}"
+        progress.update(task, completed=done, rate=shown)
 
     return update
 
@@ -188,27 +196,15 @@ def classes_options(fn: Callable) -> Callable:
                              "tower).")(fn)
 
 
-def class_embeddings(clip: Any, recipe: Any, *, classes: str | None, embeddings: Path | None,
-                     default: str | None = None):
-    """Class embeddings from ``--classes`` (embedded now with the recipe's templates) or an ``--embeddings`` file;
-    ``default`` (a ``--classes`` spec) when neither is given, said in the log."""
-    from rclip_core import text_embed as te
+def class_embeddings(clip: Any, recipe: Any, classes: Any, embeddings: Path | None):
+    """The class embeddings of a command: ``classes`` (from :func:`rclip_core.data.class_lists.class_source`)
+    embedded with ``clip``'s text tower and the recipe's templates, or the ``embeddings`` file."""
+    from rclip_core.text_embed import class_embeddings as embed
     from rclip_core.text_encoder import TextEncoder
 
-    if classes is not None and embeddings is not None:
-        raise RclipError("give one of --classes or --embeddings, not both")
-    encoder = TextEncoder(clip)
-    if embeddings is not None:
-        return te.load_embeddings(embeddings, dim=encoder.out_dim, fingerprint=encoder.fingerprint())
-    if classes is None:
-        if default is None:
-            raise RclipError("give the classes: --classes LIST|FILE|NAME or --embeddings FILE")
-        logging.getLogger("rclip").info("no --classes given: using the %s class names", default)
-        classes = default
-    spec = te.resolve_classes(classes)
-    return te.embed_names(encoder, spec.names, templates=te.TEMPLATE_SETS[recipe.text.templates],
-                          batch_size=recipe.text.batch_size, truncate=recipe.text.truncate,
-                          category_ids=spec.category_ids)
+    text = recipe.text
+    return embed(TextEncoder(clip), classes, embeddings, templates=text.templates, batch_size=text.batch_size,
+                 truncate=text.truncate)
 
 
 def regions_options(fn: Callable) -> Callable:
@@ -235,6 +231,13 @@ def regions_options(fn: Callable) -> Callable:
         return fn(*args, regions=given[0] if given else None, **kwargs)
 
     return wrapper
+
+
+def limit_options(fn: Callable) -> Callable:
+    """``--limit N`` (only the first N images) and ``--strict`` (stop at an unreadable image), for commands that run
+    over a folder or an annotation file's images."""
+    fn = click.option("--strict", is_flag=True, help="Stop at an unreadable image instead of skipping it.")(fn)
+    return click.option("--limit", type=click.IntRange(min=1), default=None, help="Only the first N images.")(fn)
 
 
 def device_option(fn: Callable) -> Callable:
@@ -275,58 +278,6 @@ class TrainingProgress:
         self.progress.update(self.task, completed=info.step, rate=f"{shown} lr {info.lr:.2g}")
 
 
-def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        out.update(_flatten(v, key + ".") if isinstance(v, dict) else {key: v})
-    return out
-
-
-def recipe_differences(a: dict, b: dict) -> list[str]:
-    """Dotted keys whose values differ between two recipe dicts."""
-    fa, fb = _flatten(a), _flatten(b)
-    return sorted(k for k in set(fa) | set(fb) if fa.get(k) != fb.get(k))
-
-
-def prepare_run_dir(out: Path, recipe_path: str, overrides: tuple[str, ...], *, resume: bool, force: bool,
-                    check: Callable[[Any], None] | None = None):
-    """The recipe of a training run in ``out``, after the checks every training command makes before any work:
-
-    - ``--resume``: ``out/checkpoint.pt`` must exist and hold the same recipe (the differing keys are named; with
-      ``--force`` the new recipe wins);
-    - a fresh run: an ``out`` holding a checkpoint is refused unless ``--force`` (which replaces only the run's own
-      files: checkpoint, metrics, recipe).
-
-    ``check(recipe)`` refuses unusable inputs before anything is written. Writes ``out/recipe.yaml`` (rank 0).
-    Returns the built recipe.
-    """
-    from rclip_core import distributed as D
-    from rclip_core.checkpoint import load_checkpoint
-    from rclip_core.engine import CHECKPOINT_NAME
-    from rclip_core.recipes import load_recipe, recipe_to_dict, save_recipe
-
-    recipe = load_recipe(recipe_path, overrides)
-    ckpt = out / CHECKPOINT_NAME
-    if resume:
-        if not ckpt.is_file():
-            raise RclipError(f"nothing to resume: {ckpt} does not exist")
-        stored = load_checkpoint(ckpt, training=True).get("recipe") or {}
-        differs = recipe_differences(stored, recipe_to_dict(recipe))
-        if differs and not force:
-            shown = ", ".join(differs[:6]) + (f" ... ({len(differs)} in all)" if len(differs) > 6 else "")
-            raise RclipError(f"--resume: the recipe differs from {ckpt}'s in {shown}; pass --force to continue with "
-                             "the new values")
-    elif ckpt.exists() and not force:
-        raise RclipError(f"{out} already holds a run ({ckpt}); pass --resume to continue it or --force to start over")
-    if check is not None:
-        check(recipe)
-    if D.is_main():
-        out.mkdir(parents=True, exist_ok=True)
-        save_recipe(recipe, out / "recipe.yaml", force=True)
-    return recipe
-
-
 def check_inputs(*paths: tuple[str, Path | None], folders: tuple[tuple[str, Path | None], ...] = ()) -> None:
     """Refuse missing input files and folders in one line naming the flag, before any heavy import or model build.
     ``paths``: (flag, file or None); ``folders``: (flag, folder or None)."""
@@ -336,12 +287,3 @@ def check_inputs(*paths: tuple[str, Path | None], folders: tuple[tuple[str, Path
     for flag, p in folders:
         if p is not None and not Path(p).is_dir():
             raise RclipError(f"{flag}: folder not found: {p}")
-
-
-def check_outputs(*outputs: Path, force: bool) -> None:
-    """Refuse existing outputs (unless ``force``) before any work, without creating anything."""
-    for p in outputs:
-        if Path(p).exists() and not force:
-            raise RclipError(f"{p} already exists; pass --force to overwrite it")
-        if Path(p).is_dir():
-            raise RclipError(f"{p} is a folder; give a file name")

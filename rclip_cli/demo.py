@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from rclip_cli.common import TrainingProgress, console, force_option, get_device, raw_recipe_options
+from rclip_cli.common import TrainingProgress, console, device_option, force_option, get_device, raw_recipe_options
 
 DEFAULT_RECIPE = "demo_tiny_toyworld"
 
@@ -18,6 +18,7 @@ DEFAULT_RECIPE = "demo_tiny_toyworld"
 @click.option("--steps", type=click.IntRange(min=1), default=None,
               help="Cap every training stage at this many steps (a quick smoke run; the numbers then mean little).")
 @force_option
+@device_option
 @raw_recipe_options
 def demo(out: Path, steps: int | None, force: bool, recipe_path: str | None, overrides: tuple[str, ...]) -> None:
     """RegionCLIP's chain on a generated toy world of coloured shapes: a teacher CLIP trained from scratch on
@@ -31,11 +32,12 @@ def demo(out: Path, steps: int | None, force: bool, recipe_path: str | None, ove
     zeroshot, toyworld, text, demo); each stage's own recipe keys go through demo.teacher_set / rpn_set /
     student_set.
     """
-    from rclip_core.demo import check_demo_recipe, run_demo
+    from rclip_core.demo import check_demo, check_demo_recipe, run_demo
     from rclip_core.recipes import load_recipe
 
     check_demo_recipe(list(overrides))
     recipe = load_recipe(recipe_path or DEFAULT_RECIPE, overrides)
+    check_demo(recipe, out, force=force)  # before torch is imported
 
     @contextlib.contextmanager
     def bar(description: str, total: int):

@@ -8,7 +8,6 @@ import click
 
 from rclip_cli.common import (
     check_inputs,
-    check_outputs,
     classes_option,
     console,
     device_option,
@@ -17,10 +16,12 @@ from rclip_cli.common import (
     make_progress,
     model_options,
     progress_callback,
+    random_weights_note,
     recipe_options,
     save_outputs_recipe,
 )
 from rclip_core.errors import RclipError
+from rclip_core.io import check_outputs
 
 
 @click.command()
@@ -52,9 +53,12 @@ def embed(classes, templates, import_bare, export_bare, out, force, recipe) -> N
         raise RclipError("give the names: --classes LIST|FILE|NAME")
     check_outputs(out, *((export_bare,) if export_bare else ()), force=force)
     check_inputs(("--import-bare", import_bare))
+    from rclip_core.data.class_lists import resolve_classes
+
+    spec = resolve_classes(classes)  # all before torch is imported
     from rclip_core import text_embed as te
 
-    spec = te.resolve_classes(classes)
+    clip = None
     if import_bare:
         emb = te.import_bare(import_bare, spec.names)
         emb.category_ids = spec.category_ids
@@ -64,15 +68,17 @@ def embed(classes, templates, import_bare, export_bare, out, force, recipe) -> N
         from rclip_cli.common import load_clip
         from rclip_core.text_encoder import TextEncoder
 
-        encoder = TextEncoder(load_clip(recipe, get_device()))
-        tpl = te.TEMPLATE_SETS[recipe.text.templates]
+        clip = load_clip(recipe, get_device())
+        text = recipe.text
         with make_progress() as progress:
-            task = progress.add_task(f"embedding × {len(tpl)} templates", total=len(spec.names), rate="")
-            emb = te.embed_names(encoder, spec.names, templates=tpl, batch_size=recipe.text.batch_size,
-                                 truncate=recipe.text.truncate, category_ids=spec.category_ids,
-                                 progress=progress_callback(progress, task, "names"))
+            task = progress.add_task(f"embedding × {len(te.TEMPLATE_SETS[text.templates])} templates",
+                                     total=len(spec.names), rate="")
+            emb = te.class_embeddings(TextEncoder(clip), spec, None, templates=text.templates,
+                                      batch_size=text.batch_size, truncate=text.truncate,
+                                      progress=progress_callback(progress, task, "names"))
     te.save_embeddings(emb, out, force=force)
     save_outputs_recipe(recipe, out)
     if export_bare:
         te.export_bare(emb, export_bare, force=force)
-    console.print(f"wrote {out}: {len(emb.names)} names ({spec.source}) × D={emb.dim} ({emb.model})")
+    console.print(f"wrote {out}: {len(emb.names)} names ({spec.source}) × D={emb.dim} ({emb.model})"
+                  f"{random_weights_note(clip)}")

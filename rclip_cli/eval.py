@@ -51,8 +51,8 @@ def recall_table(result: dict):
 
 
 @click.command("eval")
-@click.option("--gt", "--annotations", "gt_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="Ground truth: COCO- or LVIS-format instances JSON.")
+@click.option("--annotations", "--gt", "gt_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Ground truth: COCO- or LVIS-format instances JSON (--gt is its old name).")
 @click.option("--dets", "dets_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Detections: COCO results JSON (image_id, category_id, bbox xywh, score).")
 @click.option("--proposals", "proposals_path", type=click.Path(dir_okay=False, path_type=Path),
@@ -78,8 +78,8 @@ def eval_cmd(gt_path: Path, dets_path: Path | None, proposals_path: Path | None,
 
     \b
     Examples:
-      rclip eval --gt instances_val2017.json --dets dets.json            # writes dets.metrics.json
-      rclip eval --gt instances_val2017.json --proposals proposals.json  # writes proposals.metrics.json
+      rclip eval --annotations instances_val2017.json --dets dets.json    # dets.metrics.json
+      rclip eval --annotations instances_val2017.json --proposals p.json  # p.metrics.json
     """
     from rich.console import Console
 

@@ -92,11 +92,13 @@ def cli(ctx: click.Context, log_level: str, device: str | None) -> None:
     """rclip: region-level CLIP (RegionCLIP) for open-vocabulary recognition and detection.
 
     \b
+    First look (random weights unless --weights; every output says so):
+      rclip visualize photo.jpg --classes "cup,saucer,spoon"   # pictures in ./rclip-vis
     Typical chain:
-      rclip vocab build captions.json --out concepts.txt   # concept pool from captions
-      rclip embed --names concepts.txt --out concepts.pt   # text embeddings
-      rclip zeroshot --gt-boxes ann.json --images DIR --embeddings classes.pt --out dets.json
-      rclip eval --gt ann.json --dets dets.json            # COCO / LVIS AP
+      rclip vocab build captions.json --out concepts.txt     # concept pool from captions
+      rclip embed --classes concepts.txt --out concepts.pt   # text embeddings
+      rclip zeroshot --gt-boxes ann.json --images DIR --classes coco80 --out dets.json
+      rclip eval --annotations ann.json --dets dets.json     # COCO / LVIS AP
     Run `rclip demo` for the whole chain on a generated toy world.
     """
     from rclip_cli.common import setup_logging

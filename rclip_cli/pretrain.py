@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from rclip_cli.common import TrainingProgress, console, get_device, prepare_run_dir
+from rclip_cli.common import TrainingProgress, console, device_option, get_device
 
 
 @click.command()
@@ -20,6 +20,7 @@ from rclip_cli.common import TrainingProgress, console, get_device, prepare_run_
                    "with a changed recipe.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override a recipe value, e.g. --set pretrain.steps=1000 (repeatable).")
+@device_option
 @click.option("--cache-proposals", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Run the RPN once over the caption set, keep its proposals in this folder and reuse them in later "
                    "epochs and runs.")
@@ -34,18 +35,25 @@ def pretrain(recipe_path: str, out: Path, resume: bool, force: bool, overrides: 
     \b
     The toy-world chain (see `rclip demo`, which runs it in one go):
       rclip vocab build toy/captions_train.json --out concepts.txt --min-freq 5
-      rclip embed --names concepts.txt --weights teacher/checkpoint.pt --variant tiny --out concepts.pt
-      rclip rpn train --recipe rpn_r10c4_toyworld_base --train-ann toy/instances_train.json --images toy/images \\
+      rclip embed --classes concepts.txt --weights teacher/checkpoint.pt --variant tiny --out concepts.pt
+      rclip rpn train --recipe rpn_r10c4_toyworld_base --annotations toy/instances_train.json --images toy/images \\
           --out rpn
       rclip pretrain pretrain_tiny_toyworld --out student --set model.weights=teacher/checkpoint.pt \\
           --set pretrain.captions=toy/captions_train.json --set pretrain.images=toy/images \\
           --set pretrain.concepts=concepts.pt --set pretrain.rpn=rpn/checkpoint.pt
     """
+    from rclip_core.run_dir import prepare_run_dir
+
+    def check_inputs(recipe) -> None:  # the run folder is checked first, before torch is imported
+        from rclip_core.pretrain import check_inputs
+
+        check_inputs(recipe)
+
+    recipe = prepare_run_dir(out, recipe_path, overrides, resume=resume, force=force, check=check_inputs)
     from rclip_core import distributed as D
-    from rclip_core.pretrain import check_inputs, run_pretrain
+    from rclip_core.pretrain import run_pretrain
 
     device = get_device()
-    recipe = prepare_run_dir(out, recipe_path, overrides, resume=resume, force=force, check=check_inputs)
     with TrainingProgress("pretrain", recipe.pretrain.steps) as bar:
         result = run_pretrain(recipe, out_dir=out, resume=resume, device=device, hooks=[bar],
                               cache_proposals=cache_proposals)

@@ -8,9 +8,12 @@ import click
 
 from rclip_cli.common import (
     TrainingProgress,
+    check_inputs,
     console,
+    device_option,
     force_option,
     get_device,
+    limit_options,
     make_progress,
     progress_callback,
     raw_recipe_options,
@@ -18,6 +21,7 @@ from rclip_cli.common import (
     save_outputs_recipe,
 )
 from rclip_core.errors import RclipError
+from rclip_core.io import check_outputs
 
 
 @click.group()
@@ -38,32 +42,28 @@ def rpn() -> None:
 @click.option("--steps", type=int, default=None, help="Training steps (default: the recipe's rpn.train.steps).")
 @click.option("--resume", is_flag=True, help="Continue OUT/checkpoint.pt with its recipe (--steps may extend it).")
 @force_option
+@device_option
 @raw_recipe_options
 def train(train_ann: Path, image_dir: Path, out: Path, steps: int | None, resume: bool, force: bool,
           recipe_path: str | None, overrides: tuple[str, ...]) -> None:
     """Train the RPN (SGD, warm-up, step schedule; checkpoints every rpn.train.checkpoint_every steps).
 
     \b
-        rclip rpn train --recipe recipes/rpn_r10c4_toyworld_base.yaml --train-ann instances_train.json \\
+        rclip rpn train --recipe recipes/rpn_r10c4_toyworld_base.yaml --annotations instances_train.json \\
             --images images --out runs/rpn
     """
+    from rclip_core.run_dir import CHECKPOINT_NAME, prepare_run_dir
+
+    ckpt = out / CHECKPOINT_NAME
+    check_inputs(("--annotations", train_ann), folders=(("--images", image_dir),))
+    recipe = prepare_run_dir(out, recipe_path, overrides, resume=resume, force=force)
+
     from rclip_core.data.coco import DetectionDataset
-    from rclip_core.engine import CHECKPOINT_NAME
-    from rclip_core.recipes import load_recipe, recipe_to_dict, save_recipe
-    from rclip_core.rpn.convert import read_rpn_checkpoint
+    from rclip_core.recipes import recipe_to_dict
     from rclip_core.rpn.data import load_training_records
     from rclip_core.rpn.model import build_rpn
     from rclip_core.rpn.training import train_rpn
 
-    ckpt = out / CHECKPOINT_NAME
-    if resume:
-        if recipe_path is not None or overrides:
-            raise RclipError("--resume continues with the checkpoint's recipe; leave out --recipe and --set")
-        recipe = load_recipe(None, base=read_rpn_checkpoint(ckpt)[1])
-    else:
-        if ckpt.exists() and not force:
-            raise RclipError(f"{ckpt} already exists; pass --resume to continue it or --force to start over")
-        recipe = load_recipe(recipe_path, overrides)
     cfg = recipe.rpn
     cfg.train.steps = steps if steps is not None else cfg.train.steps
     data = load_training_records(train_ann, categories=cfg.train.categories)
@@ -74,8 +74,6 @@ def train(train_ann: Path, image_dir: Path, out: Path, steps: int | None, resume
     model = build_rpn(cfg, imagenet_init=cfg.imagenet_init and not resume, seed=cfg.train.seed)
     dataset = DetectionDataset(data.records, image_dir, min_sizes=cfg.train.min_sizes, max_size=cfg.train.max_size,
                                hflip=cfg.train.hflip)
-    out.mkdir(parents=True, exist_ok=True)
-    save_recipe(recipe, out / "recipe.yaml", force=True)
     with TrainingProgress("rpn train", cfg.train.steps) as bar:
         result = train_rpn(model, dataset, cfg.train, recipe=recipe_to_dict(recipe), out_dir=out, resume=resume,
                            device=get_device(), hooks=[bar])
@@ -94,9 +92,9 @@ def train(train_ann: Path, image_dir: Path, out: Path, steps: int | None, resume
 @click.option("--rpn", "--checkpoint", "checkpoint", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="rclip RPN checkpoint (`rclip rpn train` / `rclip rpn convert`); --checkpoint is its old name.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Proposals JSON.")
-@click.option("--limit", type=click.IntRange(min=1), default=None, help="Only the first N images.")
-@click.option("--strict", is_flag=True, help="Stop at an unreadable image instead of skipping it.")
+@limit_options
 @force_option
+@device_option
 @raw_recipe_options
 def propose(image_dir: Path, annotations: Path | None, checkpoint: Path, out: Path, limit: int | None, strict: bool,
             force: bool, recipe_path: str | None, overrides: tuple[str, ...]) -> None:
@@ -106,19 +104,18 @@ def propose(image_dir: Path, annotations: Path | None, checkpoint: Path, out: Pa
 
     \b
         rclip rpn propose --images val2017 --annotations instances_val2017.json \\
-            --checkpoint rpn_lvis_866.rclip.pt --recipe recipes/rpn_r50fpn_lvis_zsinf.yaml --out proposals.json
+            --rpn rpn_lvis_866.rclip.pt --recipe recipes/rpn_r50fpn_lvis_zsinf.yaml --out proposals.json
     """
+    check_outputs(out, force=force)  # before torch is imported
+    check_inputs(("--rpn", checkpoint), ("--annotations", annotations), folders=(("--images", image_dir),))
     from rclip_core.data.coco import DetectionDataset, images_in_folder, load_detection_annotations
-    from rclip_core.io import check_writable, write_json
+    from rclip_core.io import write_json
     from rclip_core.recipes import load_recipe
     from rclip_core.rpn.convert import load_rpn_state, read_rpn_checkpoint
     from rclip_core.rpn.proposals import run_proposals
 
-    check_writable(out, force=force)
     if annotations is not None:
         records = load_detection_annotations(annotations)[0]
-        if not image_dir.is_dir():
-            raise RclipError(f"image folder not found: {image_dir}")
     else:
         records = images_in_folder(image_dir)
     records = records[:limit] if limit is not None else records
@@ -154,6 +151,7 @@ def convert(src: Path, dst: Path, force: bool, recipe) -> None:
     Layout (C4 / FPN), depth, head convs and FPN norm are read from the keys; other rpn.* values (stride in 1x1,
     anchors, input convention) must match how the weights were trained: the defaults are detectron2's.
     """
+    check_outputs(dst, force=force)  # before torch is imported
     from rclip_core.rpn.convert import convert_rpn_checkpoint
 
     for line in convert_rpn_checkpoint(src, dst, recipe=recipe, force=force).lines():

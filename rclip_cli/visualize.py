@@ -46,48 +46,46 @@ def visualize(inputs, classes, embeddings, regions, out, topk, score_thresh, htm
 
     Classes come from --classes (default: the 80 COCO names) or --embeddings; regions from --regions (default:
     OpenCV selective search, which needs no weights), an RPN (--rpn) or ground-truth boxes (--gt-boxes, each box
-    marked right or wrong). Writes OUT/<image>.png per image, OUT/detections.json and, with --html, OUT/index.html;
-    an existing file there is kept unless --force.
+    marked right or wrong). Writes OUT/<image>.png per image (a/pic.jpg and b/pic.jpg become a_pic_jpg.png and
+    b_pic_jpg.png), OUT/detections.json and, with --html, OUT/index.html; an existing file there is kept unless
+    --force, and nothing else in OUT is touched. Without --weights the model has random weights: every picture and
+    the page say so.
 
     \b
       rclip visualize photo.jpg --classes "cat,dog,sofa" --weights openai
-      rclip visualize photos/ --rpn rpn.rclip.pt --classes lvis1203 --weights ViT.pt --out vis --html
+      rclip visualize photos/ --rpn rpn.rclip.pt --classes lvis1203 --weights rn50.rclip.pt --out vis --html
     """
+    from rclip_core.data.class_lists import class_source
+    from rclip_core.data.files import image_files, picture_outputs
+    from rclip_core.io import check_outputs
     from rclip_core.region_spec import RegionSource
 
     source = RegionSource.parse(regions or "selective-search")
-    check_inputs(("--embeddings", embeddings), ("--regions", source.path))
+    check_inputs(("--regions", source.path))
+    files = image_files(inputs)
+    png_names, outputs = picture_outputs(files, html=html)
+    check_outputs(*(out / name for name in outputs), force=force)  # all before torch is imported
+    wanted = class_source(classes, embeddings, default=DEFAULT_CLASSES)
 
     from rclip_cli.common import class_embeddings, load_clip
-    from rclip_core.io import check_writable, write_json, write_text
-    from rclip_core.visualize import RANDOM_WEIGHTS_NOTICE, html_index, picture_names, render_pictures
+    from rclip_core.text_embed import class_list_of
+    from rclip_core.visualize import RANDOM_WEIGHTS_NOTICE, write_visualization
     from rclip_core.zeroshot import prepare_images, run_zeroshot
 
+    images = prepare_images(class_list_of(wanted, embeddings).names, source, inputs=files, match_names=False)
+    source.check_available()  # inputs all read and checked: now the models
     device = get_device()
     clip = load_clip(recipe, device)
-    emb = class_embeddings(clip, recipe, classes=classes, embeddings=embeddings, default=DEFAULT_CLASSES)
-    images = prepare_images(emb.names, source, inputs=inputs, match_names=False)
-    outputs = [*picture_names([r.file_name for r in images.records]), "detections.json",
-               *(["index.html"] if html else [])]
-    for name in outputs:
-        check_writable(out / name, force=force, create_parent=False)
+    emb = class_embeddings(clip, recipe, wanted, embeddings)
     with make_progress() as progress:
         task = progress.add_task("recognising", total=len(images.records), rate="")
         results, summary = run_zeroshot(clip, emb.embeddings, images, source, recipe, device=device,
                                         progress=progress_callback(progress, task, "img"))
-    names = dict(zip(images.category_ids, emb.names))
     notice = RANDOM_WEIGHTS_NOTICE if clip.rclip_random_weights else None
-    entries, empty = render_pictures(images.records, images.image_dir, results, names, out, score_thresh=score_thresh,
-                                     topk=topk, one_per_box=source.kind == "gt", skipped_ids=set(summary.skipped_ids),
-                                     force=force, notice=notice,
-                                     gt_names={c["id"]: c["name"] for c in images.categories} if source.kind == "gt"
-                                     else None)
-    write_json(out / "detections.json", {"region_source": source.describe(), "random_weights": notice is not None,
-                                         "classes": emb.names, "images": images.skeleton()["images"],
-                                         "detections": results, "summary": summary.to_dict()}, force=force)
-    if html:
-        write_text(out / "index.html", html_index(entries, source=source.describe(), notice=notice), force=force)
+    pictures, empty = write_visualization(out, images, results, summary, class_names=emb.names, png_names=png_names,
+                                          region_source=source.describe(), notice=notice, score_thresh=score_thresh,
+                                          topk=topk, gt_mode=source.kind == "gt", html=html, force=force)
     index = f"; index {out / 'index.html'}" if html else ""
-    console.print(f"wrote {len(entries)} pictures to {out} ({len(emb.names)} classes, regions from "
+    console.print(f"wrote {pictures} pictures to {out} ({len(emb.names)} classes, regions from "
                   f"{source.describe()}; {empty} without detections above {score_thresh}; "
                   f"{len(summary.images_skipped)} unreadable skipped){index}{random_weights_note(clip)}")

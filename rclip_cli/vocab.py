@@ -70,7 +70,8 @@ def build(captions, out, fmt, min_freq, max_size, phrases, spacy_model, lemmatiz
 @click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--top", type=click.IntRange(min=0), default=20, show_default=True, help="How many top concepts to list.")
 @click.option("--classes", multiple=True, default=V.REFERENCE_CLASSES, show_default=True,
-              help="Class lists to check coverage of: coco, lvis, or a file of names (one per line). Repeatable.")
+              help="Class lists to check coverage of, as --classes elsewhere: a built-in list (coco80, lvis1203, "
+                   "coco17, ...), a names or vocabulary file, or \"cat,dog\". Repeatable.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
 def stats(file, top, classes, as_json):
     """Size, top concepts, size at several --min-freq values, and coverage of COCO-80 / LVIS-1203 class names.
@@ -102,7 +103,8 @@ def stats(file, top, classes, as_json):
 @click.option("--top", type=click.IntRange(min=0), default=15, show_default=True,
               help="How many concepts found only in one of them to list (in that file's order).")
 @click.option("--classes", multiple=True, default=V.REFERENCE_CLASSES, show_default=True,
-              help="Class lists to compare coverage of: coco, lvis, or a file of names. Repeatable.")
+              help="Class lists to compare coverage of, as --classes elsewhere: a built-in list (coco80, lvis1203, "
+                   "...), a names or vocabulary file, or \"cat,dog\". Repeatable.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
 def compare(a, b, top, classes, as_json):
     """Overlap of two vocabularies and their coverage of COCO-80 / LVIS-1203 side by side.

@@ -33,6 +33,9 @@ def convert(src: Path, dst: Path, variant: str | None, text_from: str | None, fo
     backbone.* -> visual.*, lang_encoder.* -> the text tower; teacher_backbone.*, offline_*, roi_heads.box_predictor.*
     and roi_heads.mask_head.* are kept as separate entries; batch-norm counters and logit_scale (ln 100) are filled.
     """
+    from rclip_core.io import check_outputs
+
+    check_outputs(dst, force=force)  # before torch is imported
     from rclip_core.convert import convert_checkpoint
 
     report = convert_checkpoint(src, dst, variant=variant, text_from=text_from, force=force)

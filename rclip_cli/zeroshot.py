@@ -9,12 +9,12 @@ import click
 
 from rclip_cli.common import (
     check_inputs,
-    check_outputs,
     classes_options,
     console,
     device_option,
     force_option,
     get_device,
+    limit_options,
     make_progress,
     model_options,
     progress_callback,
@@ -22,6 +22,7 @@ from rclip_cli.common import (
     recipe_options,
     regions_options,
 )
+from rclip_core.io import check_outputs
 
 
 @click.command()
@@ -32,8 +33,7 @@ from rclip_cli.common import (
 @click.option("--annotations", type=click.Path(dir_okay=False, path_type=Path),
               help="With proposals or an RPN: a COCO/LVIS JSON listing the images and categories (ids kept for eval).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Detections JSON.")
-@click.option("--limit", type=click.IntRange(min=1), default=None, help="Only the first N images.")
-@click.option("--strict", is_flag=True, help="Stop at an unreadable image instead of skipping it.")
+@limit_options
 @force_option
 @device_option
 @recipe_options
@@ -56,18 +56,23 @@ def zeroshot(image_dir, classes, embeddings, regions, annotations, out, limit, s
     summary_path, images_path = (out.with_name(out.stem + s) for s in (".summary.json", ".images.json"))
     folder_mode = source.kind != "gt" and annotations is None
     check_outputs(out, summary_path, *((images_path,) if folder_mode else ()), force=force)
-    check_inputs(("--embeddings", embeddings), ("--annotations", annotations), ("--regions", source.path),
-                 folders=(("--images", image_dir),))
+    check_inputs(("--annotations", annotations), ("--regions", source.path), folders=(("--images", image_dir),))
+    from rclip_core.data.class_lists import class_source
+
+    wanted = class_source(classes, embeddings)  # all before torch is imported
 
     from rclip_cli.common import class_embeddings, load_clip
     from rclip_core.io import write_json
+    from rclip_core.text_embed import class_list_of
     from rclip_core.zeroshot import prepare_images, run_zeroshot
 
+    listed = class_list_of(wanted, embeddings)
+    images = prepare_images(listed.names, source, image_dir=image_dir, annotations=annotations,
+                            embedding_ids=listed.category_ids, limit=limit, names_source=embeddings or "--classes")
+    source.check_available()  # inputs all read and checked: now the models
     device = get_device()
     clip = load_clip(recipe, device)
-    emb = class_embeddings(clip, recipe, classes=classes, embeddings=embeddings)
-    images = prepare_images(emb.names, source, image_dir=image_dir, annotations=annotations,
-                            embedding_ids=emb.category_ids, limit=limit, names_source=embeddings or "--classes")
+    emb = class_embeddings(clip, recipe, wanted, embeddings)
     with make_progress() as progress:
         task = progress.add_task("zero-shot", total=len(images.records), rate="")
         results, summary = run_zeroshot(clip, emb.embeddings, images, source, recipe, device=device, strict=strict,

@@ -24,11 +24,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from rclip_core.errors import RclipError
 from rclip_core.recipes import Recipe
+
+if TYPE_CHECKING:  # torch is imported when the chain runs, after its outputs are checked
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -218,6 +220,20 @@ def evaluate_model(checkpoint: Path, recipe: Recipe, world: ToyWorld, out_json: 
     return dets, score(world.val.instances_json, dets)
 
 
+def check_demo(recipe: Recipe, out: str | Path, *, force: bool) -> None:
+    """Refuse a bad stage recipe or an existing output of the chain (unless ``force``), before any work or heavy
+    import."""
+    from rclip_core.io import check_outputs
+
+    for stage, name, sets in (("teacher", recipe.demo.teacher, recipe.demo.teacher_set),
+                              ("rpn", recipe.demo.rpn, recipe.demo.rpn_set),
+                              ("student", recipe.demo.student, recipe.demo.student_set)):
+        stage_recipe(name, list(sets), stage=stage)
+    check_outputs(*(Path(out) / n for n in ("demo.png", "metrics.json", "dets_teacher.json", "dets_student.json",
+                                            "concepts.pt", "concepts.txt", "teacher/checkpoint.pt",
+                                            "rpn/checkpoint.pt", "student/checkpoint.pt")), force=force)
+
+
 def run_demo(recipe: Recipe, out: str | Path, *, device: str = "cpu", force: bool = False,
              progress: ProgressFactory | None = None, max_steps: int | None = None) -> DemoResult:
     """Run the chain of the module docstring under ``out``.
@@ -229,19 +245,13 @@ def run_demo(recipe: Recipe, out: str | Path, *, device: str = "cpu", force: boo
         progress: ``progress(description, total)`` → a context manager yielding an engine hook (a progress bar).
         max_steps: cap every training stage at this many steps (a quick smoke run).
     """
-    from rclip_core.clip_backbone import create_clip
-    from rclip_core.io import check_writable, write_json
+    from rclip_core.io import write_json
 
     out = Path(out)
     cap = [f"pretrain.steps={max_steps}"] if max_steps else []
-    for stage, name, sets in (("teacher", recipe.demo.teacher, recipe.demo.teacher_set),
-                              ("rpn", recipe.demo.rpn, recipe.demo.rpn_set),
-                              ("student", recipe.demo.student, recipe.demo.student_set)):
-        stage_recipe(name, list(sets), stage=stage)  # refuse a bad stage recipe before any work
-    for p in (out / n for n in ("demo.png", "metrics.json", "dets_teacher.json", "dets_student.json", "concepts.pt",
-                                "concepts.txt", "teacher/checkpoint.pt", "rpn/checkpoint.pt",
-                                "student/checkpoint.pt")):
-        check_writable(p, force=force, create_parent=False)
+    check_demo(recipe, out, force=force)
+    from rclip_core.clip_backbone import create_clip
+
     bar = progress or (lambda description, total: contextlib.nullcontext(None))
     seconds: dict[str, float] = {}
 

@@ -44,12 +44,11 @@ from rclip_core import distributed as D
 from rclip_core.checkpoint import load_checkpoint, save_checkpoint
 from rclip_core.data.coco import collate_list
 from rclip_core.errors import RclipError
-from rclip_core.recipes import SolverCfg
+from rclip_core.recipes import SolverCfg, save_recipe
+from rclip_core.run_dir import CHECKPOINT_NAME, METRICS_NAME, RECIPE_NAME
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_NAME = "checkpoint.pt"
-METRICS_NAME = "metrics.jsonl"
 
 ComputeLosses = Callable[[nn.Module, list], dict[str, Tensor]]
 # Entries of compute_losses' dict named ``count_*`` are not losses: they are summed over ranks and logged per step
@@ -319,7 +318,7 @@ def train(model: nn.Module, compute_losses: ComputeLosses, dataset: Dataset, cfg
             the model's outputs and the batch (a list of dataset items). ``count_*`` entries are logged, not summed.
         dataset: indexed by ``(index, sample_seed)`` keys (:class:`StepSampler`).
         cfg: the solver (any :class:`rclip_core.recipes.SolverCfg`).
-        out_dir: where ``checkpoint.pt`` and ``metrics.jsonl`` go (None: nothing is written).
+        out_dir: where ``checkpoint.pt``, ``metrics.jsonl`` and ``recipe.yaml`` go (None: nothing is written).
         recipe: the full resolved recipe, stored in every checkpoint.
         resume: continue ``out_dir/checkpoint.pt`` (model, optimizer, scheduler, random states, step).
         section: the recipe section of ``cfg``, for messages (``rpn.train``, ``pretrain``).
@@ -396,8 +395,9 @@ def train(model: nn.Module, compute_losses: ComputeLosses, dataset: Dataset, cfg
 
     step = start_step
     start = time.perf_counter()
-    if out is not None and info.is_main:
+    if out is not None and info.is_main:  # the run's files appear once training starts, not before
         out.mkdir(parents=True, exist_ok=True)
+        save_recipe(recipe, out / RECIPE_NAME)
     # Appended line by line (flushed), so a crash keeps every finished step's record.
     metrics_file = open(metrics_path, "a", encoding="utf-8") if (metrics_path and info.is_main) else None  # noqa: SIM115
     try:

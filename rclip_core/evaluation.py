@@ -21,7 +21,8 @@ Inputs:
 Result (a plain, JSON-ready dict; AP values in percent, 0-100; ``None`` where a value is undefined because no
 ground truth falls in it):
     ``format`` ("coco" | "lvis"), ``num_images``, ``num_categories``, ``num_detections``,
-    ``metrics`` (AP, AP50, AP75, APs, APm, APl; LVIS adds APr, APc, APf),
+    ``metrics`` (AP, AP50, AP75, APs, APm, APl and COCO's AR@1/10/100, ARs/m/l@100; LVIS: the APs, APr, APc,
+        APf and AR@300, ARs/m/l@300),
     ``splits`` (COCO: AP50_novel, AP50_base, AP50_all; LVIS: AP_rare, AP_base; empty when no split applies),
     ``split_sizes`` (categories per split), ``per_category`` (category name -> AP).
 
@@ -49,8 +50,10 @@ from rclip_core.io import read_json
 
 log = logging.getLogger(__name__)
 
-COCO_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
-LVIS_METRICS = (*COCO_METRICS, "APr", "APc", "APf")
+AP_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+# COCOeval.stats in order: the six APs, then recall at 1 / 10 / 100 detections per image and by size (at 100).
+COCO_METRICS = (*AP_METRICS, "AR@1", "AR@10", "AR@100", "ARs@100", "ARm@100", "ARl@100")
+LVIS_METRICS = (*AP_METRICS, "APr", "APc", "APf", "AR@300", "ARs@300", "ARm@300", "ARl@300")
 COCO_SPLIT_METRICS = ("AP50_novel", "AP50_base", "AP50_all")
 LVIS_SPLIT_METRICS = ("AP_rare", "AP_base")
 
@@ -250,7 +253,7 @@ def _evaluate_coco(gt: dict, dets: list[dict]) -> dict[str, Any]:
         ev.evaluate()
         ev.accumulate()
         ev.summarize()
-    metrics = {k: _percent(v) for k, v in zip(COCO_METRICS, ev.stats[:6], strict=True)}
+    metrics = {k: _percent(v) for k, v in zip(COCO_METRICS, ev.stats, strict=True)}
 
     # precision: (IoU thresholds, recall thresholds, categories, area ranges, max-dets) -> area "all", 100 dets.
     precision = ev.eval["precision"][..., 0, -1]

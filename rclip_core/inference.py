@@ -22,8 +22,10 @@ log = logging.getLogger(__name__)
 def iterate_images(dataset: Dataset, summary: RunSummary, *, batch_size: int = 1, num_workers: int = 0,
                    strict: bool = False, progress: Callable[[int], None] | None = None):
     """Yield lists of readable dataset items, batch by batch; unreadable ones are logged, counted in ``summary``
-    (or raise with ``strict``). ``progress`` gets the number of images done after each batch."""
+    (or raise with ``strict``). ``progress`` gets the number of images done after each batch. When the pass ends,
+    ``summary.seconds`` holds its wall time (the caller's work on each batch included)."""
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_list)
+    start = time.perf_counter()
     done = 0
     for batch in loader:
         done += len(batch)
@@ -40,6 +42,7 @@ def iterate_images(dataset: Dataset, summary: RunSummary, *, batch_size: int = 1
             yield ok
         if progress is not None:
             progress(done)
+    summary.seconds = time.perf_counter() - start
 
 
 def run_detection(detector: RegionDetector, dataset: Dataset, *, category_ids: list[int], batch_size: int = 1,
@@ -60,19 +63,11 @@ def run_detection(detector: RegionDetector, dataset: Dataset, *, category_ids: l
     detector.eval().to(device)
     results: list[dict] = []
     summary = RunSummary()
-    start = time.perf_counter()
     for batch in iterate_images(dataset, summary, batch_size=batch_size, num_workers=num_workers, strict=strict,
                                 progress=progress):
-        dets = detector.detect(batch)
-        for item, det in zip(batch, dets):
-            regions = det["num_regions"]
-            summary.images += 1
-            summary.regions += regions
-            summary.images_without_regions += int(regions == 0)
-            summary.detections += int(det["scores"].shape[0])
-            summary.images_without_detections += int(det["scores"].shape[0] == 0)
+        for item, det in zip(batch, detector.detect(batch)):
+            summary.add_image(det["num_regions"], int(det["scores"].shape[0]))
             results.extend(to_coco_results(item["image_id"], det, item["scale"], category_ids))
-    summary.seconds = time.perf_counter() - start
     return results, summary
 
 
@@ -92,11 +87,11 @@ def category_ids_for(names: list[str], categories: list[dict], source: object = 
     Raises:
         RclipError: a name has no category in the annotation file (the ids would be wrong for evaluation).
     """
-    from rclip_core.text_embed import clean_name
+    from rclip_core.data.class_lists import name_key
 
-    by_name = {clean_name(c["name"]).lower(): int(c["id"]) for c in categories}
-    missing = [n for n in names if clean_name(n).lower() not in by_name]
+    by_name = {name_key(c["name"]): int(c["id"]) for c in categories}
+    missing = [n for n in names if name_key(n) not in by_name]
     if missing:
         shown = ", ".join(repr(m) for m in missing[:5]) + (f" ... ({len(missing)} in all)" if len(missing) > 5 else "")
         raise RclipError(f"{source}: names not among the annotation file's categories: {shown}")
-    return [by_name[clean_name(n).lower()] for n in names]
+    return [by_name[name_key(n)] for n in names]

@@ -17,9 +17,10 @@ from typing import IO, Any
 from rclip_core.errors import RclipError
 
 
-def check_writable(path: str | os.PathLike, *, force: bool, create_parent: bool = True) -> Path:
-    """Refuse to overwrite ``path`` unless ``force`` (or when it is a folder); create its parent folder unless
-    ``create_parent`` is False (a check before any work, so a refused run leaves no empty folder). Returns it."""
+def check_writable(path: str | os.PathLike, *, force: bool, create_parent: bool = False) -> Path:
+    """Refuse to overwrite ``path`` unless ``force`` (or when it is a folder). Creates nothing unless
+    ``create_parent``: a check made before any work leaves no empty folder behind when the run is refused or fails
+    (:func:`atomic_open` makes the folder when the output is written). Returns the path."""
     p = Path(path)
     if p.is_dir():
         raise RclipError(f"{p} is a folder, not a file")
@@ -28,6 +29,12 @@ def check_writable(path: str | os.PathLike, *, force: bool, create_parent: bool 
     if create_parent:
         p.parent.mkdir(parents=True, exist_ok=True)
     return p
+
+
+def check_outputs(*paths: str | os.PathLike, force: bool) -> None:
+    """:func:`check_writable` for each of a command's outputs, before any heavy import or model build."""
+    for p in paths:
+        check_writable(p, force=force)
 
 
 def _umask() -> int:
@@ -46,6 +53,7 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", *, force: bool = True)
         force: when False, an existing ``path`` raises :class:`RclipError` before anything is written.
     """
     p = check_writable(path, force=force)
+    p.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
     try:
         # mkstemp makes the file 0600; a finished output gets the mode any other new file would (the user's umask).

@@ -304,8 +304,11 @@ def build_stage(recipe: Recipe, *, device: str | torch.device = "cpu", cache_pro
     cfg = recipe.pretrain
     source = open_captions(cfg.captions, cfg.images)
     source.check_images()
-    student = create_clip(recipe.model.variant, recipe.model.weights)
+    # Training from random weights is what a from-scratch stage does (the toy world's teacher), not a warning.
+    student = create_clip(recipe.model.variant, recipe.model.weights, log_random_init=False)
     variant = recipe.model.variant = student.rclip_variant
+    if student.rclip_random_weights:
+        log.info("%s student starts from random weights (no model.weights)", variant)
     if cfg.scratch_init:
         reset_residual_scales(student)
     teacher = concepts = rpn = cache = None

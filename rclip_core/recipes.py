@@ -511,7 +511,8 @@ def resolve_recipe_path(path: str | os.PathLike) -> Path:
 
 
 def save_recipe(recipe: Any, path: str | os.PathLike, *, force: bool = True) -> Path:
-    """Write the resolved recipe as YAML, atomically."""
+    """Write the resolved recipe (a :class:`Recipe` or its dict) as YAML, atomically."""
     from rclip_core.io import write_text
 
-    return write_text(path, yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False), force=force)
+    data = recipe if isinstance(recipe, dict) else recipe_to_dict(recipe)
+    return write_text(path, yaml.safe_dump(data, sort_keys=False), force=force)

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from rclip_core import boxes as B
 from rclip_core.detector import Proposals
 from rclip_core.errors import RclipError
 
@@ -33,14 +34,15 @@ class SelectiveSearch(nn.Module):
     """OpenCV selective search proposals (Uijlings et al. 2013), ranked as OpenCV returns them.
 
     Args:
-        mode: ``"fast"`` (OpenCV's switchToSelectiveSearchFast) or ``"quality"``.
-        topk: keep the first ``topk`` boxes.
+        mode: ``"fast"`` (OpenCV's switchToSelectiveSearchFast) or ``"quality"`` (``--regions
+            selective-search[:quality]``).
+        topk: keep the first ``topk`` boxes (the recipe's ``zeroshot.selective_search_topk``).
         max_side: segment a copy scaled so its longer side is at most this (selective search's cost grows with the
             pixel count; boxes are scaled back).
         min_size: drop boxes narrower or lower than this (pixels of the input image).
     """
 
-    def __init__(self, *, mode: str = "fast", topk: int = 1000, max_side: int = 500, min_size: float = 8.0) -> None:
+    def __init__(self, *, mode: str, topk: int, max_side: int = 500, min_size: float = 8.0) -> None:
         super().__init__()
         try:
             import cv2
@@ -68,10 +70,7 @@ class SelectiveSearch(nn.Module):
         rects = ss.process()  # (N, 4) x, y, w, h, most promising first
         if len(rects) == 0:
             return torch.zeros((0, 4))
-        xywh = torch.as_tensor(np.asarray(rects, dtype=np.float32)) / scale
-        boxes = torch.cat([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], dim=1)
-        boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w)
-        boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h)
+        boxes = B.clip_boxes(B.xywh_to_xyxy(torch.as_tensor(np.asarray(rects, dtype=np.float32)) / scale), w, h)
         keep = ((boxes[:, 2] - boxes[:, 0]) >= self.min_size) & ((boxes[:, 3] - boxes[:, 1]) >= self.min_size)
         return boxes[keep][: self.topk]
 
@@ -109,10 +108,11 @@ class TorchvisionRPN(nn.Module):
 
     Args:
         weights: a state-dict file of ``fasterrcnn_resnet50_fpn`` (see :func:`torchvision_rpn_weights`).
-        topk: proposals per image after NMS (torchvision's test default is 1000).
+        topk: proposals per image after NMS (the recipe's ``zeroshot.num_proposals``; torchvision's test default is
+            1000 too).
     """
 
-    def __init__(self, weights: str | os.PathLike, *, topk: int = 1000) -> None:
+    def __init__(self, weights: str | os.PathLike, *, topk: int) -> None:
         super().__init__()
         from torchvision.models.detection import fasterrcnn_resnet50_fpn
 
@@ -147,7 +147,7 @@ class TorchvisionRPN(nn.Module):
         out_boxes, out_logits = [], []
         for b, p, (h, w), orig in zip(boxes, probs, image_list.image_sizes, originals):
             sy, sx = orig.shape[1] / h, orig.shape[2] / w  # back to the batch image's pixels
-            out_boxes.append((b * torch.tensor([sx, sy, sx, sy], device=b.device)).cpu())
+            out_boxes.append(B.scale_boxes(b, sx, sy).cpu())
             p = p.clamp(1e-6, 1 - 1e-6)
             out_logits.append(torch.log(p / (1 - p)).cpu())
         return Proposals(out_boxes, out_logits)

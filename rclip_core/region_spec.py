@@ -43,6 +43,13 @@ class RegionSource:
             return "torchvision's COCO Faster R-CNN RPN" + (f" ({self.path})" if self.path else "")
         return {"gt": "ground-truth boxes of", "proposals": "proposals from", "rpn": "RPN"}[self.kind] + f" {self.path}"
 
+    def check_available(self) -> None:
+        """Refuse, in one line, a source whose weights are missing (torchvision's RPN), before any model is built."""
+        if self.kind == "torchvision-rpn":
+            from rclip_core.region_sources import torchvision_rpn_weights
+
+            torchvision_rpn_weights(self.path)
+
     @property
     def has_objectness(self) -> bool:
         return self.kind in ("proposals", "rpn", "torchvision-rpn")

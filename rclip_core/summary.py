@@ -26,6 +26,16 @@ class RunSummary:
     def images_per_second(self) -> float | None:
         return round(self.images / self.seconds, 3) if self.seconds else None
 
+    def add_image(self, regions: int, detections: int | None = None) -> None:
+        """Count one processed image with its ``regions`` (boxes classified or proposals made) and, for detection
+        runs, its ``detections``."""
+        self.images += 1
+        self.regions += regions
+        self.images_without_regions += int(regions == 0)
+        if detections is not None:
+            self.detections += detections
+            self.images_without_detections += int(detections == 0)
+
     def skip(self, image_id: int, reason: str) -> None:
         self.images_skipped.append(reason)
         self.skipped_ids.append(image_id)

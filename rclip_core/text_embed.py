@@ -13,18 +13,26 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+# The class-list helpers live in data/class_lists.py (torch-free); these names stay importable from here too.
+from rclip_core.data.class_lists import (  # noqa: F401
+    BUILTIN_LISTS,
+    ClassList,
+    builtin_names,
+    categories_from_json,
+    clean_name,
+    names_from_text,
+    resolve_classes,
+)
 from rclip_core.errors import RclipError
 
 log = logging.getLogger(__name__)
-
-BUILTIN_LISTS = ("coco80", "coco65", "coco48", "coco17", "lvis1203", "lvis866")
 
 SINGLE_TEMPLATE = "a photo of a {}."
 
@@ -53,13 +61,6 @@ ENSEMBLE_TEMPLATES = [
 ]
 
 TEMPLATE_SETS: dict[str, list[str]] = {"single": [SINGLE_TEMPLATE], "ensemble": ENSEMBLE_TEMPLATES}
-
-
-def clean_name(name: str) -> str:
-    """Class name → prompt word(s), as the original does: LVIS '_' → ' ', parentheses dropped, commas dropped,
-    '+' → ' ' (e.g. ``"bible_(book)"`` → ``"bible book"``)."""
-    name = name.replace("_", " ").replace("(", "").replace(")", "").replace(",", "").replace("+", " ")
-    return " ".join(name.split())
 
 
 @dataclass
@@ -147,7 +148,7 @@ def load_embeddings(path: str | os.PathLike, *, dim: int | None = None, fingerpr
     obj = read_torch_file(p, what="embedding file")
     if isinstance(obj, Tensor):
         raise RclipError(f"{p}: a bare [K, D] tensor (original RegionCLIP format); convert it first with "
-                         "`rclip embed --import-bare FILE --names NAMES.txt`")
+                         "`rclip embed --import-bare FILE --classes NAMES.txt`")
     if not isinstance(obj, dict) or not {"names", "embeddings"} <= set(obj):
         raise RclipError(f"{p}: not an rclip embedding file (expected keys names, embeddings, templates, model)")
     emb = Embeddings(names=list(obj["names"]), embeddings=obj["embeddings"].float(),
@@ -189,108 +190,24 @@ def import_bare(path: str | os.PathLike, names: list[str]) -> Embeddings:
 
 # ---- where names come from -------------------------------------------------------------------------------------
 
-def names_from_text(path: str | os.PathLike) -> list[str]:
-    """One name per line; text after the first comma is ignored (the original's concept files may carry counts)."""
-    p = Path(path)
-    if not p.is_file():
-        raise RclipError(f"names file not found: {p}")
-    try:
-        lines = p.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as e:
-        raise RclipError(f"{p}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    names = [ln.split(",")[0].strip() for ln in lines]
-    names = [n for n in names if n]
-    if not names:
-        raise RclipError(f"{p}: no names (the file is empty)")
-    return names
+
+def class_embeddings(encoder, classes: ClassList | None, embeddings: str | os.PathLike | None, *, templates: str,
+                     batch_size: int, truncate: bool, progress: Callable[[int], None] | None = None) -> Embeddings:
+    """The classifier of a zero-shot command: ``classes`` embedded now with ``encoder`` (a
+    :class:`~rclip_core.text_encoder.TextEncoder`) and the ``templates`` set, or a cached ``embeddings`` file
+    checked against the encoder's dimension and fingerprint (``classes`` None; see
+    :func:`rclip_core.data.class_lists.class_source`)."""
+    if classes is None:
+        return load_embeddings(embeddings, dim=encoder.out_dim, fingerprint=encoder.fingerprint())
+    return embed_names(encoder, classes.names, templates=TEMPLATE_SETS[templates], batch_size=batch_size,
+                       truncate=truncate, category_ids=classes.category_ids, progress=progress)
 
 
-def categories_from_json(path: str | os.PathLike) -> tuple[list[str], list[int]]:
-    """Names and ids of a COCO/LVIS annotation file's ``categories``, in id order."""
-    from rclip_core.io import read_json
-
-    data = read_json(path, what="annotation file")
-    cats = data.get("categories") if isinstance(data, dict) else None
-    if not cats:
-        raise RclipError(f"{path}: no 'categories' list")
-    try:
-        cats = sorted(cats, key=lambda c: c["id"])
-        return [c["name"] for c in cats], [int(c["id"]) for c in cats]
-    except (KeyError, TypeError) as e:
-        raise RclipError(f"{path}: a category lacks key {e}") from None
-
-
-def builtin_names(which: str) -> tuple[list[str], list[int]]:
-    """Built-in class lists: ``coco80``, ``coco65`` (open-vocabulary 48+17), ``coco48``, ``coco17``, ``lvis1203``,
-    ``lvis866`` (LVIS base: common + frequent)."""
-    from rclip_core.data import categories as C
-
-    if which == "coco80":
-        cats = C.coco_categories()
-    elif which in ("coco65", "coco48", "coco17"):
-        want = {"coco65": ("base", "novel"), "coco48": ("base",), "coco17": ("novel",)}[which]
-        cats = [c for c in C.coco_ovd_categories() if c["split"] in want]
-    elif which in ("lvis1203", "lvis866"):
-        cats = [c for c in C.lvis_categories() if which == "lvis1203" or c["frequency"] != "r"]
-    else:
-        raise RclipError(f"unknown built-in class list '{which}'; available: {', '.join(BUILTIN_LISTS)}")
-    return [c["name"] for c in cats], [int(c["id"]) for c in cats]
-
-
-
-def dedupe(names: Iterable[str]) -> list[str]:
-    """Drop repeated names, keeping the first occurrence (a repeated class would split its probability). Names are
-    compared after cleaning and case-folding ("Traffic_Light" repeats "traffic light"); each drop is logged."""
-    names = list(names)
-    return [names[i] for i in _first_occurrences(names)]
-
-
-def _first_occurrences(names: list[str]) -> list[int]:
-    seen: set[str] = set()
-    keep = []
-    for i, n in enumerate(names):
-        key = clean_name(n).casefold()
-        if key in seen:
-            log.warning("class name %r repeats an earlier one; it is kept once", n)
-            continue
-        seen.add(key)
-        keep.append(i)
-    return keep
-
-
-@dataclass
-class ClassList:
-    """Class names with their category ids (None when the source has none) and where they came from."""
-
-    names: list[str]
-    category_ids: list[int] | None
-    source: str
-
-
-def resolve_classes(spec: str) -> ClassList:
-    """``--classes``: a built-in list name (``coco80``, ``lvis1203``, ...), a names file (one per line), a COCO/LVIS
-    annotation ``.json`` (its categories, ids kept), or a comma-separated list ("cat,dog,traffic light"). Repeated
-    names (after cleaning, case-folded) are kept once, with a warning.
-
-    Raises:
-        RclipError: an empty list, or a file that cannot be read.
-    """
-    spec = spec.strip()
-    ids: list[int] | None = None
-    if spec in BUILTIN_LISTS or spec.startswith("builtin:"):
-        spec = spec.removeprefix("builtin:")
-        names, ids = builtin_names(spec)
-        source = f"built-in list {spec}"
-    elif spec.lower().endswith(".json") and "," not in spec:
-        names, ids = categories_from_json(spec)
-        source = f"categories of {spec}"
-    elif Path(spec).is_file():
-        names, source = names_from_text(spec), f"names file {spec}"
-    elif spec.lower().endswith((".txt", ".json")) and "," not in spec:
-        raise RclipError(f"--classes: names file not found: {spec}")
-    else:
-        names, source = [c.strip() for c in spec.split(",") if c.strip()], "the --classes list"
-    if not names:
-        raise RclipError("--classes: the class list is empty")
-    keep = _first_occurrences(names)
-    return ClassList([names[i] for i in keep], [ids[i] for i in keep] if ids is not None else None, source)
+def class_list_of(classes: ClassList | None, embeddings: str | os.PathLike | None) -> ClassList:
+    """The classes a command will name regions with, known before any model is built (so annotation files can be
+    checked first): ``classes`` itself, or the names and category ids stored in an ``embeddings`` file (checked
+    against the model later, by :func:`class_embeddings`)."""
+    if classes is not None:
+        return classes
+    stored = load_embeddings(embeddings)
+    return ClassList(stored.names, stored.category_ids, f"embeddings {embeddings}")

@@ -2,7 +2,8 @@
 
 Boxes are outlined in their class colour; each label sits on a filled band of that colour, in black or white
 (whichever contrasts more), in Pillow's scalable default font sized to the picture, so labels stay legible on a
-640-pixel photo and on a zoomed 128-pixel toy scene alike. Pictures made with random weights carry a red banner.
+640-pixel photo and on a zoomed 128-pixel toy scene alike. Pictures made with random weights carry a red band with
+the notice above the picture (added, so it hides no box or label).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 from torchvision.utils import make_grid
+
+from rclip_core.data.files import picture_names  # noqa: F401  (its home; importable here as before)
 
 RIGHT, WRONG = (40, 170, 60), (220, 40, 40)
 RANDOM_WEIGHTS_NOTICE = "RANDOM WEIGHTS - labels are meaningless"
@@ -51,28 +54,37 @@ def draw_labeled_boxes(image: Image.Image, boxes: Sequence[Sequence[float]], lab
     draw = ImageDraw.Draw(out)
     font = font_for(out.size)
     width = width or max(1, round(min(out.size) / 200))
+    for box, color in zip(boxes, colors):  # every outline first, so no outline crosses a label
+        draw.rectangle(tuple(float(v) for v in box), outline=color, width=width)
+    placed: list[tuple[float, float, float, float]] = []
     for box, label, color in zip(boxes, labels, colors):
-        x0, y0, x1, y1 = (float(v) for v in box)
-        draw.rectangle((x0, y0, x1, y1), outline=color, width=width)
         if not label:
             continue
+        x0, y0, x1, y1 = (float(v) for v in box)
         left, top, right, bottom = draw.textbbox((0, 0), label, font=font)
         tw, th = right - left + 4, bottom - top + 4
-        ty = y0 - th if y0 - th >= 0 else y0  # above the box, or inside it at the top edge
         tx = min(max(0.0, x0), max(0.0, out.width - tw))
+        # Above the box; else inside it at the top, inside at the bottom, below it: the first spot that fits in
+        # the picture and covers no label already drawn (crowded scenes), else the first that fits.
+        spots = [y for y in (y0 - th, y0, y1 - th, y1) if 0 <= y <= out.height - th] or [max(0.0, y0)]
+        ty = next((y for y in spots if not any(tx < r[2] and r[0] < tx + tw and y < r[3] and r[1] < y + th
+                                               for r in placed)), spots[0])
+        placed.append((tx, ty, tx + tw, ty + th))
         draw.rectangle((tx, ty, tx + tw, ty + th), fill=color)
         draw.text((tx + 2 - left, ty + 2 - top), label, fill=text_color(color), font=font)
     return out
 
 
 def draw_banner(image: Image.Image, text: str, color: tuple[int, int, int] = WRONG) -> Image.Image:
-    """``text`` on a band across the top of the picture (e.g. the random-weights notice); a new image."""
-    out = image.convert("RGB").copy()
-    draw = ImageDraw.Draw(out)
-    font = font_for(out.size)
-    left, top, _, bottom = draw.textbbox((0, 0), text, font=font)
-    draw.rectangle((0, 0, out.width, bottom - top + 6), fill=color)
-    draw.text((4 - left, 3 - top), text, fill=text_color(color), font=font)
+    """``text`` on a band of ``color`` added above the picture (e.g. the random-weights notice): a new, taller
+    image; the picture itself, its boxes and their labels stay whole and visible below the band."""
+    image = image.convert("RGB")
+    font = font_for(image.size)
+    left, top, right, bottom = ImageDraw.Draw(image).textbbox((0, 0), text, font=font)
+    band = bottom - top + 8
+    out = Image.new("RGB", (image.width, image.height + band), color)
+    out.paste(image, (0, band))
+    ImageDraw.Draw(out).text((4 - left, 4 - top), text, fill=text_color(color), font=font)
     return out
 
 
@@ -130,7 +142,10 @@ def render(image: Image.Image, dets: list[dict], names: dict[int, str], *, zoom:
     ``zoom`` enlarges small images (nearest neighbour) first so labels stay legible; ``notice`` adds a banner.
     """
     image = _zoomed(image.convert("RGB"), zoom)
-    boxes = [[zoom * x, zoom * y, zoom * (x + w), zoom * (y + h)] for x, y, w, h in (d["bbox"] for d in dets)]
+    from rclip_core.boxes import scale_boxes, xywh_to_xyxy
+
+    boxes = scale_boxes(xywh_to_xyxy(torch.tensor([d["bbox"] for d in dets], dtype=torch.float64).reshape(-1, 4)),
+                        zoom, zoom).tolist()
     labels = [f"{names.get(d['category_id'], str(d['category_id']))} {float(d['score']):.2f}" for d in dets]
     out = draw_labeled_boxes(image, boxes, labels, [class_color(int(d["category_id"])) for d in dets], width=width)
     return draw_banner(out, notice) if notice else out
@@ -170,34 +185,12 @@ def draw_gt_verdicts(image: Image.Image, record, dets: list[dict], names: dict[i
     return torch.from_numpy(np.asarray(out).copy()).permute(2, 0, 1)
 
 
-def picture_names(file_names: list[str]) -> list[str]:
-    """One distinct ``.png`` name per input file: its stem, or — when stems collide (``a/pic.jpg``, ``a/pic.png``,
-    ``b/pic.jpg``) — stem plus extension, then the parent folder's name too, then a counter."""
-    from collections import Counter
-
-    paths = [Path(f) for f in file_names]
-    stems = Counter(p.stem for p in paths)
-    with_ext = Counter(f"{p.stem}_{p.suffix.lstrip('.')}" for p in paths)
-    names, used = [], set()
-    for p in paths:
-        name = p.stem
-        if stems[p.stem] > 1:
-            name = f"{p.stem}_{p.suffix.lstrip('.')}"
-            if with_ext[name] > 1:
-                name = f"{p.parent.name}_{name}"
-        base, k = name, 2
-        while name in used:
-            name, k = f"{base}_{k}", k + 1
-        used.add(name)
-        names.append(name + ".png")
-    return names
-
-
 def render_pictures(records, image_dir, results: list[dict], names: dict[int, str], out_dir, *,
-                    score_thresh: float, topk: int | None, one_per_box: bool, skipped_ids: set[int],
-                    force: bool, notice: str | None = None, gt_names: dict[int, str] | None = None
-                    ) -> tuple[list[dict], int]:
-    """Draw each record's detections and write ``out_dir/<name>.png`` atomically (see :func:`picture_names`).
+                    png_names: dict[str, str], score_thresh: float, topk: int | None, one_per_box: bool,
+                    skipped_ids: set[int], force: bool, notice: str | None = None,
+                    gt_names: dict[int, str] | None = None) -> tuple[list[dict], int]:
+    """Draw each record's detections and write ``out_dir/<png_names[file_name]>`` atomically (names from
+    :func:`rclip_core.data.files.picture_outputs`, checked by the command before any work).
 
     With ``gt_names`` (annotation category id → name; GT-box mode) every ground-truth box is drawn with its best
     class, green when that name is the box's true category, red with the true name otherwise.
@@ -205,19 +198,19 @@ def render_pictures(records, image_dir, results: list[dict], names: dict[int, st
     Returns:
         (entries for :func:`html_index`, images without detections drawn).
     """
+    from rclip_core.data.class_lists import name_key
     from rclip_core.data.transforms import read_image
     from rclip_core.io import atomic_open
-    from rclip_core.text_embed import clean_name
 
     by_image: dict[int, list[dict]] = {}
     for d in results:
         by_image.setdefault(d["image_id"], []).append(d)
-    pngs = dict(zip((r.id for r in records), picture_names([r.file_name for r in records])))
+    pngs = {r.id: png_names[r.file_name] for r in records}
     entries, empty = [], 0
     if gt_names is not None:
         # Verdicts compare names: classes are numbered by row, the annotation file has its own ids.
-        truth = {i: clean_name(n).casefold() for i, n in gt_names.items()}
-        by_name = {k: clean_name(n).casefold() for k, n in names.items()}
+        truth = {i: name_key(n) for i, n in gt_names.items()}
+        by_name = {k: name_key(n) for k, n in names.items()}
 
         def is_right(pred: int, true: int) -> bool:
             return by_name.get(pred) == truth.get(true)
@@ -242,9 +235,44 @@ def render_pictures(records, image_dir, results: list[dict], names: dict[int, st
         entries.append({"image": pngs[rec.id], "source": str(rec.file_name), "size": list(image.size),
                         "thumbnail": _thumbnail_uri(image),
                         "detections": [{"name": names.get(d["category_id"], str(d["category_id"])),
-                                        "score": round(float(d["score"]), 4), "bbox": d["bbox"]} for d in shown],
+                                        "score": round(float(d["score"]), 4), "bbox": d["bbox"],
+                                        "color": class_color(int(d["category_id"]))} for d in shown],
                         "labels": [f"{names.get(d['category_id'], d['category_id'])} {d['score']:.2f}" for d in dets]})
     return entries, empty
+
+
+def write_visualization(out_dir: str | Path, images, results: list[dict], summary, *, class_names: list[str],
+                        png_names: dict[str, str], region_source: str, notice: str | None, score_thresh: float,
+                        topk: int | None, gt_mode: bool, html: bool, force: bool) -> tuple[int, int]:
+    """``rclip visualize``'s outputs in ``out_dir``: a picture per readable image, ``detections.json`` (classes,
+    images, COCO results, region source, random-weights flag, run summary) and, with ``html``, ``index.html``.
+
+    Args:
+        images: the run's :class:`rclip_core.zeroshot.ImageSet`; ``results`` and ``summary`` from ``run_zeroshot``.
+        class_names: the K class names (row k is category ``images.category_ids[k]``).
+        gt_mode: ground-truth boxes were named: each is drawn right (green) or wrong (red, with its true name).
+        notice: the random-weights notice, drawn on every picture and the page (None with trained weights).
+
+    Returns:
+        (pictures written, pictures without a detection drawn).
+    """
+    from rclip_core.data.files import DETECTIONS_FILE, INDEX_FILE
+    from rclip_core.io import write_json, write_text
+
+    out_dir = Path(out_dir)
+    names = dict(zip(images.category_ids, class_names))
+    gt_names = {c["id"]: c["name"] for c in images.categories} if gt_mode else None
+    entries, empty = render_pictures(images.records, images.image_dir, results, names, out_dir, png_names=png_names,
+                                     score_thresh=score_thresh, topk=topk, one_per_box=gt_mode,
+                                     skipped_ids=set(summary.skipped_ids), force=force, notice=notice,
+                                     gt_names=gt_names)
+    write_json(out_dir / DETECTIONS_FILE, {"region_source": region_source, "random_weights": notice is not None,
+                                           "classes": list(class_names), "images": images.skeleton()["images"],
+                                           "detections": results, "summary": summary.to_dict()}, force=force)
+    if html:
+        write_text(out_dir / INDEX_FILE, html_index(entries, source=region_source, notice=notice,
+                                                    score_thresh=score_thresh), force=force)
+    return len(entries), empty
 
 
 def _thumbnail_uri(image: Image.Image, side: int = 420) -> str:
@@ -296,12 +324,19 @@ def html_index(entries: list[dict], title: str = "rclip detections", *, source: 
         rects = []
         for d in e.get("detections", []):
             x, y, bw, bh = d["bbox"]
-            color = "#{:02x}{:02x}{:02x}".format(*class_color(sum(map(ord, d["name"]))))
-            label = escape(f"{d['name']} {d['score']:.2f}")
+            rgb = tuple(d.get("color") or class_color(sum(map(ord, d["name"]))))  # as the picture colours it
+            color, ink = ("#{:02x}{:02x}{:02x}".format(*c) for c in (rgb, text_color(rgb)))
+            text = f"{d['name']} {d['score']:.2f}"
+            # The label on a filled band of the box colour (the picture's style); its width estimated from the
+            # font size, as the page has no text metrics before it is drawn.
+            fs = max(10.0, min(w, h) / 25)
+            lw, lh = 0.58 * fs * len(text) + 0.4 * fs, 1.25 * fs
+            ly = y - lh if y - lh >= 0 else y
             rects.append(f'<g data-score="{d["score"]}" data-name="{escape(d["name"])}"><rect x="{x}" y="{y}" '
                          f'width="{bw}" height="{bh}" fill="none" stroke="{color}" stroke-width="{max(w, h) / 200:.1f}"'
-                         f'/><text x="{x}" y="{max(y - 2, 10)}" font-size="{max(10, min(w, h) / 25):.0f}" '
-                         f'fill="{color}" stroke="black" stroke-width="0.4">{label}</text></g>')
+                         f'/><rect x="{x}" y="{ly:.1f}" width="{lw:.1f}" height="{lh:.1f}" fill="{color}"/>'
+                         f'<text x="{x + 0.2 * fs:.1f}" y="{ly + 0.95 * fs:.1f}" font-size="{fs:.0f}" '
+                         f'fill="{ink}">{escape(text)}</text></g>')
         items = "".join(f'<li data-score="{d["score"]}" data-name="{escape(d["name"])}">{escape(d["name"])} '
                         f'{d["score"]:.2f}</li>' for d in e.get("detections", []))
         figures.append(
@@ -314,7 +349,8 @@ def html_index(entries: list[dict], title: str = "rclip detections", *, source: 
     style = ("body{font-family:sans-serif;margin:1em}figure{display:inline-block;vertical-align:top;margin:.5em;"
              "width:420px}.pic{position:relative}.pic img{width:100%;display:block;border:1px solid #ccc}"
              ".pic svg{position:absolute;left:0;top:0;width:100%;height:100%}figcaption{font-size:13px}"
-             "ul{margin:.2em 0;padding-left:1.2em}.notice{background:#dc2828;color:#fff;padding:.5em;font-weight:bold}")
+             "ul{margin:.2em 0;padding-left:1.2em;max-height:9em;overflow:auto}"
+             ".notice{background:#dc2828;color:#fff;padding:.5em;font-weight:bold}")
     banner = f'<p class="notice">{escape(notice)}</p>' if notice else ""
     about = f"<p>Regions: {escape(source)}.</p>" if source else ""
     controls = (f'<p><label>score ≥ <input id="thresh" type="range" min="0" max="1" step="0.01" '

@@ -115,7 +115,7 @@ def build_proposal_generator(source: RegionSource, recipe) -> nn.Module:
     if source.kind == "selective-search":
         from rclip_core.region_sources import SelectiveSearch
 
-        return SelectiveSearch(mode=source.option or "fast", topk=recipe.zeroshot.selective_search_topk)
+        return SelectiveSearch(mode=source.option, topk=recipe.zeroshot.selective_search_topk)
     if source.kind == "torchvision-rpn":
         from rclip_core.region_sources import TorchvisionRPN, torchvision_rpn_weights
 

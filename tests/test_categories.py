@@ -22,6 +22,28 @@ def test_coco80_ids_and_detectron2_names():
     assert by_name["motorcycle"] == 4 and by_name["airplane"] == 5 and by_name["toothbrush"] == 90
 
 
+# OVR-CNN's 17 novel COCO classes (RegionCLIP's "target" split), written out here independently of the library, so
+# that two classes exchanged between its novel and base lists (counts kept) fail this test.
+PUBLISHED_NOVEL = {
+    "airplane", "bus", "cat", "dog", "cow", "elephant", "umbrella", "tie", "snowboard", "skateboard", "cup", "knife",
+    "cake", "couch", "keyboard", "sink", "scissors",
+}
+# The 15 COCO classes in neither split.
+PUBLISHED_UNUSED = {
+    "traffic light", "fire hydrant", "stop sign", "parking meter", "baseball bat", "baseball glove", "sports ball",
+    "tennis racket", "wine glass", "hot dog", "dining table", "potted plant", "cell phone", "hair drier", "teddy bear",
+}
+
+
+def test_coco_ovd_split_equals_the_published_literal():
+    assert set(C.COCO_OVD_NOVEL) == PUBLISHED_NOVEL
+    everything = {c["name"] for c in C.coco_categories()}
+    assert set(C.COCO_OVD_BASE) == everything - PUBLISHED_NOVEL - PUBLISHED_UNUSED
+    splits = C.category_splits(C.coco_categories())
+    names = {c["id"]: c["name"] for c in C.coco_categories()}
+    assert {names[i] for i, s in splits.items() if s == "novel"} == PUBLISHED_NOVEL
+
+
 def test_coco_ovd_split_is_the_published_one():
     assert len(C.COCO_OVD_NOVEL) == 17 and len(C.COCO_OVD_BASE) == 48
     assert not set(C.COCO_OVD_NOVEL) & set(C.COCO_OVD_BASE)

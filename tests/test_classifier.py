@@ -34,11 +34,19 @@ def test_scale_invariance_and_empty_input():
 
 
 def test_temperature_and_background_are_required_and_the_recipe_holds_the_originals():
+    import inspect
+
     import pytest
 
     from rclip_core.recipes import load_recipe
 
+    # No default to drift from the recipe's: each of the two is required on its own.
+    params = inspect.signature(CosineClassifier).parameters
+    assert params["temperature"].default is inspect.Parameter.empty
+    assert params["background"].default is inspect.Parameter.empty
     with pytest.raises(TypeError):
-        CosineClassifier(torch.eye(2))  # no default to drift from the recipe's
+        CosineClassifier(torch.eye(2), background=True)
+    with pytest.raises(TypeError):
+        CosineClassifier(torch.eye(2), temperature=0.01)
     zs = load_recipe(None).zeroshot
     assert zs.temperature == 0.01 and zs.background is True  # CLSS_TEMP and the zero background of the original

@@ -40,6 +40,10 @@ def test_gt_boxes_are_drawn_on_a_real_photo(astronaut, tmp_path):
     assert "1 unreadable skipped" in res.output
     drawn = np.asarray(Image.open(out / "astronaut.png").convert("RGB")).astype(int)
     original = np.asarray(Image.open(astronaut["dir"] / "astronaut.jpg").convert("RGB")).astype(int)
+    band = drawn.shape[0] - original.shape[0]  # the random-weights notice, a band added above the picture
+    assert drawn.shape[1] == original.shape[1] and 10 < band < 60
+    assert (drawn[:band, :, 0] > 180).mean() > 0.7  # red
+    drawn = drawn[band:]
     x, y, w, h = astronaut["boxes"]["face"]
     edge = np.abs(drawn[y + 1, x + 5: x + w - 5] - original[y + 1, x + 5: x + w - 5]).sum()
     inside = np.abs(drawn[y + h // 2, x + w // 2] - original[y + h // 2, x + w // 2]).sum()
@@ -90,12 +94,83 @@ def test_first_run_on_a_photo_with_no_flag_but_the_image(tmp_path, monkeypatch):
     assert {d["category_id"] for d in report["detections"]} <= {1, 2, 3} and report["classes"][0] == "cup"
     drawn = np.asarray(Image.open(out / "coffee.png").convert("RGB")).astype(int)
     original = np.asarray(Image.open(tmp_path / "coffee.jpg").convert("RGB")).astype(int)
+    drawn = drawn[drawn.shape[0] - original.shape[0]:]  # below the notice band
     best = max(report["detections"], key=lambda d: d["score"])
     x, y, w, h = (int(round(v)) for v in best["bbox"])
     ys = min(y + h // 2, 399)
-    assert np.abs(drawn[ys, x:x + 3] - original[ys, x:x + 3]).sum() > 100 or y < 30  # its outline was drawn
+    assert np.abs(drawn[ys, x:x + 3] - original[ys, x:x + 3]).sum() > 100  # its outline was drawn
+    from rclip_core.visualize import class_color
+
+    near = drawn[max(0, y - 40): y + 40, x: x + 80].reshape(-1, 3)
+    assert (near == class_color(best["category_id"])).all(axis=1).sum() > 100  # its label's filled band
     html = (out / "index.html").read_text()
     best_name = report["classes"][best["category_id"] - 1]
     assert "RANDOM WEIGHTS" in html and 'type="range"' in html and f'<option value="{best_name}">' in html
     assert f'data-score="{round(best["score"], 4)}"' in html  # the page draws the boxes the slider filters
     assert 'href="coffee.png"' in html and str(tmp_path) not in html  # relative paths only
+
+
+@pytest.mark.slow
+def test_torchvision_rpn_regions_on_a_real_photo(tmp_path):
+    """`--regions torchvision-rpn:FILE` on scikit-image's cat: torchvision's Faster R-CNN (ResNet-50 FPN) RPN, here
+    with random weights saved as a file (the COCO weights cannot be downloaded on these machines), proposes
+    `zeroshot.num_proposals` boxes inside the photo, in its own pixels, and the run says which source it used
+    (about 40 s on 2 CPU cores: a 160 MB state dict and a ResNet-50 at 800 pixels)."""
+    import torch
+    import torchvision
+
+    torch.manual_seed(0)
+    weights = tmp_path / "fasterrcnn_random.pth"
+    torch.save(torchvision.models.detection.fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None).state_dict(),
+               weights)
+    Image.fromarray(skimage_data.chelsea()).save(tmp_path / "chelsea.jpg", quality=95)  # 451 x 300
+    out = tmp_path / "vis"
+    res = CliRunner().invoke(cli, ["visualize", str(tmp_path / "chelsea.jpg"), "--regions",
+                                   f"torchvision-rpn:{weights}", "--classes", "cat,dog", "--variant", "tiny",
+                                   "--out", str(out), "--score-thresh", "0", "--set", "zeroshot.score_thresh=0",
+                                   "--set", "zeroshot.num_proposals=200", "--html"])
+    assert res.exit_code == 0, res.output
+    report = json.loads((out / "detections.json").read_text())
+    assert report["region_source"].startswith("torchvision's COCO Faster R-CNN RPN")
+    assert report["summary"]["regions"] == 200
+    boxes = np.array([d["bbox"] for d in report["detections"]])  # xywh, original pixels
+    assert len(boxes) > 0 and (boxes[:, :2] >= 0).all() and (boxes[:, 2:] > 0).all()
+    assert (boxes[:, 0] + boxes[:, 2] <= 451 + 1e-3).all() and (boxes[:, 1] + boxes[:, 3] <= 300 + 1e-3).all()
+    assert "torchvision&#x27;s COCO Faster R-CNN RPN" in (out / "index.html").read_text()
+
+
+def test_same_stems_umask_and_force_replacing_only_its_own_files(tmp_path):
+    """Three inputs named pic (a/pic.jpg, a/pic.png, b/pic.jpg) give three pictures; outputs get the user's umask
+    (not mkstemp's 0600); --force replaces the command's own files and nothing else in the folder."""
+    import os
+    import stat
+
+    rng = np.random.default_rng(0)
+    for rel in ("a/pic.jpg", "a/pic.png", "b/pic.jpg"):
+        (tmp_path / rel).parent.mkdir(exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (64, 80, 3), dtype=np.uint8)).save(tmp_path / rel)
+    out = tmp_path / "vis"
+    args = ["visualize", str(tmp_path / "a"), str(tmp_path / "b" / "pic.jpg"), str(tmp_path / "a" / "pic.png"),
+            "--classes", "cat,dog", "--variant", "tiny", "--out", str(out), "--html", "--set", "input.min_size=64"]
+    old = os.umask(0o027)
+    try:
+        res = CliRunner().invoke(cli, args)
+    finally:
+        os.umask(old)
+    assert res.exit_code == 0, res.output
+    written = sorted(p.name for p in out.iterdir())
+    assert written == ["a_pic_jpg.png", "b_pic_jpg.png", "detections.json", "index.html", "pic_png.png"]
+    assert {stat.S_IMODE((out / n).stat().st_mode) for n in written} == {0o640}
+    report = json.loads((out / "detections.json").read_text())
+    assert len(report["images"]) == 3  # a/pic.png given twice (in its folder and by name) runs once
+
+    (out / "mine.txt").write_text("the user's")
+    (out / "old.png").write_bytes(b"a picture of an earlier run with other inputs")
+    before = (out / "a_pic_jpg.png").stat().st_mtime_ns
+    again = CliRunner().invoke(cli, args)
+    assert again.exit_code == 1 and "already exists; pass --force" in again.output
+    forced = CliRunner().invoke(cli, [*args, "--force"])
+    assert forced.exit_code == 0, forced.output
+    assert (out / "mine.txt").read_text() == "the user's" and (out / "old.png").is_file()
+    assert (out / "a_pic_jpg.png").stat().st_mtime_ns >= before
+    assert sorted(p.name for p in out.iterdir()) == sorted([*written, "mine.txt", "old.png"])

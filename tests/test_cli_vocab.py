@@ -127,7 +127,7 @@ def test_stats_and_compare(runner, tmp_path):
 
 def test_concepts_file_chains_into_embed_names(runner, tmp_path):
     """`rclip embed --names concepts.txt` reads the build's output as its list of names."""
-    text_embed = pytest.importorskip("rclip_core.text_embed")
+    from rclip_core.data import class_lists
     out = tmp_path / "concepts.txt"
     assert _build(runner, FIXTURE, "--out", out, "--min-freq", 1).exit_code == 0
-    assert text_embed.names_from_text(out) == out.read_text().splitlines()
+    assert class_lists.names_from_text(out) == out.read_text().splitlines()

@@ -83,3 +83,21 @@ def test_shipped_recipes_load(path):
 
 def test_recipes_folder_is_not_empty():
     assert len(RECIPES) >= 4
+
+
+def test_shipped_recipes_by_name_from_any_folder_and_packaged(tmp_path, monkeypatch):
+    """`--recipe zeroshot_rn50_coco_gt` works outside the repository: names resolve to the package's own files,
+    which the wheel ships (package-data), not to a recipes/ folder in the working directory."""
+    from pathlib import Path
+
+    import tomllib
+
+    from rclip_core.recipes import RECIPE_DIR, shipped_recipes
+
+    monkeypatch.chdir(tmp_path)
+    assert load_recipe("zeroshot_rn50_coco_gt").model.variant == "RN50"
+    assert load_recipe("rpn_r10c4_toyworld_base.yaml").rpn.depth == 10
+    assert {p.stem for p in RECIPE_DIR.glob("*.yaml")} == set(shipped_recipes()) >= {"zeroshot_rn50_coco_gt"}
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    package_data = pyproject["tool"]["setuptools"]["package-data"]["rclip_core"]
+    assert RECIPE_DIR.relative_to(Path(__import__("rclip_core").__file__).parent).as_posix() + "/*.yaml" in package_data

@@ -34,8 +34,13 @@ def test_base_categories_by_split_frequency_and_coco_names():
     lvis = [{"id": 1, "name": "a", "frequency": "r"}, {"id": 2, "name": "b", "frequency": "c"},
             {"id": 3, "name": "c", "frequency": "f"}]
     assert base_category_ids(lvis)[0] == {2, 3}
-    coco = [{"id": 1, "name": "person"}, {"id": 5, "name": "airplane"}, {"id": 10, "name": "traffic light"}]
-    assert base_category_ids(coco) == ({1}, "COCO's 48 base / 17 novel classes by name")  # novel, non-OVD out
+    from rclip_core.data.categories import coco_categories
+
+    base, rule = base_category_ids(coco_categories())
+    assert rule == "COCO's 48 base / 17 novel classes by name" and len(base) == 48  # novel and the 15 others out
+    assert 1 in base and 5 not in base and 10 not in base  # person; airplane (novel); traffic light (neither)
+    few = [{"id": 1, "name": "person"}, {"id": 5, "name": "airplane"}]
+    assert base_category_ids(few)[0] == {1, 5}  # not a COCO-65/80 file: no split, every category
     assert base_category_ids([{"id": 7, "name": "thing"}])[0] == {7}
 
 

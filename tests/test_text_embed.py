@@ -3,15 +3,16 @@ import torch
 import torch.nn.functional as F
 
 from rclip_core import text_embed as te
+from rclip_core.data import class_lists as cl
 from rclip_core.errors import RclipError
 from rclip_core.text_encoder import TextEncoder
 
 
 def test_clean_name_matches_the_original_rules():
-    assert te.clean_name("bible_(book)") == "bible book"
-    assert te.clean_name("hot dog, sausage") == "hot dog sausage"
-    assert te.clean_name("salad+plate") == "salad plate"
-    assert te.clean_name("tv") == "tv"
+    assert cl.clean_name("bible_(book)") == "bible book"
+    assert cl.clean_name("hot dog, sausage") == "hot dog sausage"
+    assert cl.clean_name("salad+plate") == "salad plate"
+    assert cl.clean_name("tv") == "tv"
 
 
 def test_ensemble_has_81_templates_starting_with_bare_name():
@@ -26,7 +27,7 @@ def test_embedding_averages_unnormalised_features_then_normalises(tiny_clip):
     done = []
     emb = te.embed_names(enc, names, templates=templates, batch_size=4, progress=done.append)
     with torch.no_grad():
-        expected = torch.stack([enc([t.format(te.clean_name(n)) for t in templates]).mean(0) for n in names])
+        expected = torch.stack([enc([t.format(cl.clean_name(n)) for t in templates]).mean(0) for n in names])
     assert torch.allclose(emb.embeddings, F.normalize(expected, dim=-1), atol=1e-5)
     assert emb.names == names and emb.templates == templates and emb.model == enc.fingerprint()
     assert done[-1] == 2
@@ -82,27 +83,27 @@ def test_bare_format_export_and_import(tiny_clip, tmp_path):
 def test_name_sources(tmp_path):
     f = tmp_path / "names.txt"
     f.write_text("cat,123\n\n  dog  \ntraffic light\n")
-    assert te.names_from_text(f) == ["cat", "dog", "traffic light"]
+    assert cl.names_from_text(f) == ["cat", "dog", "traffic light"]
     (tmp_path / "empty.txt").write_text("\n\n")
     with pytest.raises(RclipError, match="empty"):
-        te.names_from_text(tmp_path / "empty.txt")
+        cl.names_from_text(tmp_path / "empty.txt")
     (tmp_path / "latin1.txt").write_bytes("caf\xe9\n".encode("latin-1"))
     with pytest.raises(RclipError, match="not UTF-8"):
-        te.names_from_text(tmp_path / "latin1.txt")
+        cl.names_from_text(tmp_path / "latin1.txt")
     import json
 
     (tmp_path / "ann.json").write_text(json.dumps({"categories": [{"id": 5, "name": "b"}, {"id": 2, "name": "a"}]}))
-    assert te.categories_from_json(tmp_path / "ann.json") == (["a", "b"], [2, 5])
+    assert cl.categories_from_json(tmp_path / "ann.json") == (["a", "b"], [2, 5])
     (tmp_path / "nocat.json").write_text("{}")
     with pytest.raises(RclipError, match="categories"):
-        te.categories_from_json(tmp_path / "nocat.json")
+        cl.categories_from_json(tmp_path / "nocat.json")
 
 
 def test_builtin_lists():
-    names, ids = te.builtin_names("coco80")
+    names, ids = cl.builtin_names("coco80")
     assert len(names) == 80 and ids[0] == 1 and "tv" in names
-    assert len(te.builtin_names("coco65")[0]) == 65
-    assert len(te.builtin_names("coco48")[0]) == 48 and len(te.builtin_names("coco17")[0]) == 17
-    assert len(te.builtin_names("lvis1203")[0]) == 1203 and len(te.builtin_names("lvis866")[0]) == 866
+    assert len(cl.builtin_names("coco65")[0]) == 65
+    assert len(cl.builtin_names("coco48")[0]) == 48 and len(cl.builtin_names("coco17")[0]) == 17
+    assert len(cl.builtin_names("lvis1203")[0]) == 1203 and len(cl.builtin_names("lvis866")[0]) == 866
     with pytest.raises(RclipError, match="available"):
-        te.builtin_names("voc")
+        cl.builtin_names("voc")

@@ -285,6 +285,14 @@ def test_reference_coverage_coco_lvis_and_custom(tmp_path):
     (tmp_path / "mine.txt").write_text("dog\nzebra\n")
     mine = V.reference_coverage(["dog"], str(tmp_path / "mine.txt"))
     assert mine.label == "mine.txt" and mine.missing == ["zebra"]
+    # the same --classes vocabulary as embed / zeroshot / visualize
+    assert V.reference_coverage(["person", "scissors", "light"], "coco80").groups == coco.groups
+    assert V.reference_coverage(["person"], "lvis1203").total == 1203
+    assert V.reference_coverage(["cat"], "coco17").total == 17
+    listed = V.reference_coverage(["dog"], "dog,zebra,Dog")  # repeated names kept once, as everywhere
+    assert listed.total == 2 and listed.missing == ["zebra"]
+    (tmp_path / "ann.json").write_text('{"categories": [{"id": 1, "name": "dog"}, {"id": 2, "name": "owl"}]}')
+    assert V.reference_coverage(["dog"], str(tmp_path / "ann.json")).missing == ["owl"]
 
 
 def test_compare_vocabularies():

@@ -22,6 +22,7 @@ __all__ = [
     "COCO_OVD_NOVEL",
     "coco_categories",
     "coco_ovd_categories",
+    "is_coco_ovd_file",
     "lvis_categories",
 ]
 
@@ -115,21 +116,34 @@ def lvis_categories() -> list[dict]:
 # base / novel: the one rule, used by evaluation, RPN training and finetuning
 
 
+def is_coco_ovd_file(categories: list[dict]) -> bool:
+    """True when ``categories`` are COCO's 65 open-vocabulary classes or all 80 (by case-folded name): the files the
+    48/17 split is defined for. A file that merely shares a few names (a custom "cat, dog, car" set) is not one."""
+    names = {str(c["name"]).strip().lower() for c in categories}
+    return set(COCO_OVD_BASE) | set(COCO_OVD_NOVEL) <= names <= {n for _, n in _COCO}
+
+
 def category_splits(categories: list[dict]) -> dict[int, str | None]:
     """Each category id's open-vocabulary split, ``"base"``, ``"novel"`` or None (in neither).
 
     The one rule, in order: LVIS categories (a ``frequency`` field) are novel when rare (``"r"``) and base otherwise
-    (the 866 common + frequent); an explicit ``"split": "base" | "novel"`` field on the categories comes next; else
-    COCO's 48 base / 17 novel classes are found by (case-folded) name, other names are in neither.
+    (the 866 common + frequent); an explicit ``"split": "base" | "novel"`` field on the categories comes next; else,
+    in a COCO-65 or COCO-80 file (:func:`is_coco_ovd_file`), COCO's 48 base / 17 novel classes by (case-folded)
+    name, the other 15 in neither. Any other file has no split (every category None).
 
     Example:
-        >>> category_splits([{"id": 17, "name": "cat"}, {"id": 1, "name": "person"}, {"id": 10, "name": "kite2"}])
-        {17: 'novel', 1: 'base', 10: None}
+        >>> splits = category_splits(coco_categories())
+        >>> splits[17], splits[1], splits[10]  # cat, person, traffic light
+        ('novel', 'base', None)
+        >>> category_splits([{"id": 17, "name": "cat"}, {"id": 1, "name": "person"}])
+        {17: None, 1: None}
     """
     if any("frequency" in c for c in categories):
         return {int(c["id"]): "novel" if c.get("frequency") == "r" else "base" for c in categories}
     if any("split" in c for c in categories):
         return {int(c["id"]): c.get("split") if c.get("split") in ("base", "novel") else None for c in categories}
+    if not is_coco_ovd_file(categories):
+        return {int(c["id"]): None for c in categories}
     by_name = {**{n: "base" for n in COCO_OVD_BASE}, **{n: "novel" for n in COCO_OVD_NOVEL}}
     return {int(c["id"]): by_name.get(str(c["name"]).strip().lower()) for c in categories}
 
@@ -140,7 +154,9 @@ def split_rule(categories: list[dict]) -> str:
         return "LVIS frequency: rare = novel, common + frequent = base"
     if any("split" in c for c in categories):
         return "the categories' 'split' field"
-    return "COCO's 48 base / 17 novel classes by name"
+    if is_coco_ovd_file(categories):
+        return "COCO's 48 base / 17 novel classes by name"
+    return "no base/novel split (not a COCO-65/80 or LVIS file, no 'split' field): every category"
 
 
 def split_ids(categories: list[dict]) -> dict[str, list[int]]:

@@ -21,13 +21,12 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from rclip_core import boxes as B
+from rclip_core.data.files import folder_images, image_files
 from rclip_core.data.transforms import read_image, resize_shortest_edge, to_uint8_tensor
 from rclip_core.errors import RclipError
 from rclip_core.io import read_json
 
 log = logging.getLogger(__name__)
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
 @dataclass
@@ -145,31 +144,13 @@ def load_detection_annotations(path: str | os.PathLike, *, skip_crowd: bool = Tr
 
 def images_in_folder(folder: str | os.PathLike) -> list[ImageRecord]:
     """Every image file in ``folder`` (sorted), with generated ids 1..N, for inference without annotations."""
-    p = Path(folder)
-    if not p.is_dir():
-        raise RclipError(f"image folder not found: {p}")
-    files = sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS)
-    if not files:
-        raise RclipError(f"{p}: no image files ({', '.join(IMAGE_EXTENSIONS)})")
-    return [ImageRecord(id=i + 1, file_name=f.name) for i, f in enumerate(files)]
+    return [ImageRecord(id=i + 1, file_name=name) for i, name in enumerate(folder_images(folder))]
 
 
 def images_from_paths(paths: Sequence[str | os.PathLike]) -> list[ImageRecord]:
-    """Image files given one by one and/or as folders (their images, sorted) → records with absolute file names
-    and ids 1..N in that order. Files given explicitly are kept whatever their extension (a bad one is reported
-    when read)."""
-    files: list[Path] = []
-    for raw in paths:
-        p = Path(raw)
-        if p.is_dir():
-            files.extend(r_path for r_path in sorted(p.iterdir()) if r_path.suffix.lower() in IMAGE_EXTENSIONS)
-        elif p.exists():
-            files.append(p)
-        else:
-            raise RclipError(f"no such image or folder: {p}")
-    if not files:
-        raise RclipError(f"no image files in {', '.join(str(p) for p in paths)}")
-    return [ImageRecord(id=i + 1, file_name=str(f.resolve())) for i, f in enumerate(files)]
+    """Image files and/or folders (see :func:`rclip_core.data.files.image_files`) → records with absolute file
+    names and ids 1..N in that order."""
+    return [ImageRecord(id=i + 1, file_name=name) for i, name in enumerate(image_files(paths))]
 
 
 def attach_proposals(records: list[ImageRecord], source: str | os.PathLike | list[dict], stats: BoxStats) -> None:

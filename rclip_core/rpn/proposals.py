@@ -13,7 +13,6 @@ The reader is ``rclip_core.data.coco.attach_proposals``.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
 
 import torch
@@ -60,16 +59,12 @@ def run_proposals(model: RPNModel, dataset: Dataset, *, batch_size: int = 1, num
     model.eval().to(device)
     records: list[dict] = []
     summary = RunSummary()
-    start = time.perf_counter()
     for batch in iterate_images(dataset, summary, batch_size=batch_size, num_workers=num_workers, strict=strict,
                                 progress=progress):
         out = model([item["image"].to(device) for item in batch])
         for item, boxes, logits in zip(batch, out.boxes, out.objectness):
-            summary.images += 1
-            summary.regions += int(boxes.shape[0])
-            summary.images_without_regions += int(boxes.shape[0] == 0)
+            summary.add_image(int(boxes.shape[0]))
             records.append(proposal_record(item["image_id"], boxes, logits, scale=item["scale"],
                                            orig_size=item["orig_size"],
                                            file_name=item["file_name"] if with_file_names else None))
-    summary.seconds = time.perf_counter() - start
     return records, summary

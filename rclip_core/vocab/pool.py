@@ -1,7 +1,7 @@
 """Vocabularies: thresholding counts, the text + JSON files, and the checks users run before pretraining on one.
 
 File contract: a vocabulary file is UTF-8 text, one concept per line, most frequent first, without counts (the
-original release's readers keep the text before the first comma, and ``rclip embed --names`` reads one name per line).
+original release's readers keep the text before the first comma, and ``rclip embed --classes`` reads one name per line).
 Counts and provenance go in a JSON beside it: ``concepts.txt`` → ``concepts.json``, whose ``"format"`` is
 ``rclip-vocab/1``.
 """
@@ -237,23 +237,36 @@ def coverage(concepts: Iterable[str], names: Sequence[str], *, groups: Sequence[
     return cov
 
 
-REFERENCE_CLASSES: tuple[str, ...] = ("coco", "lvis")
+REFERENCE_CLASSES: tuple[str, ...] = ("coco80", "lvis1203")
 
 
 def reference_coverage(concepts: Sequence[str], which: str) -> Coverage:
-    """Coverage of COCO-80 (grouped base/novel/other by the open-vocabulary split), LVIS-1203 (grouped by
-    frequency r/c/f), or, for any other value, of the vocabulary file at that path."""
+    """Coverage of a class list given as everywhere else in rclip (``--classes``): ``coco80`` (grouped base / novel
+    / other by the open-vocabulary split; ``coco`` is its old name), ``lvis1203`` (grouped by frequency r/c/f;
+    ``lvis``), another built-in list, a comma list, or a file: a vocabulary (``rclip vocab build`` output or one name
+    per line) or a COCO/LVIS annotation file's categories."""
     from rclip_core.data import categories
+    from rclip_core.data.class_lists import resolve_classes
 
-    if which == "coco":
+    if which in ("coco", "coco80"):
         split = {c["name"]: c["split"] for c in categories.coco_ovd_categories()}
         names = [c["name"] for c in categories.coco_categories()]
         return coverage(concepts, names, groups=[split.get(n, "other") for n in names], label="COCO-80")
-    if which == "lvis":
+    if which in ("lvis", "lvis1203"):
         cats = categories.lvis_categories()
         return coverage(concepts, [c["name"] for c in cats], groups=[c["frequency"] for c in cats], label="LVIS-1203")
-    other = read_vocabulary(which)
-    return coverage(concepts, other.concepts, label=Path(which).name)
+    path = Path(which)
+    if path.is_file() and (path.suffix != ".json" or _is_vocabulary_json(path)):
+        return coverage(concepts, read_vocabulary(path).concepts, label=path.name)
+    spec = resolve_classes(which)
+    return coverage(concepts, spec.names, label=path.name if path.is_file() else which)
+
+
+def _is_vocabulary_json(path: Path) -> bool:
+    from rclip_core.io import read_json
+
+    meta = read_json(path)
+    return isinstance(meta, dict) and meta.get("format") == VOCAB_FORMAT
 
 
 def compare_vocabularies(a: Vocabulary, b: Vocabulary) -> dict:
