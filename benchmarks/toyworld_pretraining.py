@@ -19,6 +19,7 @@ import statistics
 from pathlib import Path
 
 VARIANTS = {
+    "imgtxt": ["pretrain.loss_region_distill=0", "pretrain.loss_concept_contrastive=0"],
     "distill": ["pretrain.loss_concept_contrastive=0", "pretrain.loss_image_text=0"],
     "contrastive": ["pretrain.loss_region_distill=0", "pretrain.loss_image_text=0"],
     "both": ["pretrain.loss_image_text=0"],
