@@ -1,0 +1,84 @@
+"""Why the toy-world student does not name more shapes: how good is its teacher, where, and at what?
+
+On one seed's run of ``benchmarks/toyworld_pretraining.py`` (its folder holds the toy world, the teacher and the
+concept pool), the teacher's zero-shot GT-box accuracy (the path of ``rclip zeroshot --gt-boxes``):
+
+- on its own single-object web images at the size it trained on (64 px) and at the scenes' size (128 px);
+- on the training and held-out scenes' GT boxes (128 px, as the demo evaluates);
+
+and its pseudo labels on the training scenes' GT boxes, as pretraining makes them (``pseudo_labels`` over the
+concept pool at the student recipe's teacher temperature): how often the best concept is the box's shape, among
+confident regions too, and how often it is no shape at all (a colour, "photo", ...).
+
+    python benchmarks/toyworld_teacher_diagnosis.py runs/ablation/seed0 [--seed 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def main() -> None:
+    import torch
+
+    from rclip_core.clip_backbone import CLIPTrunk, RegionHead, create_clip, pooler_resolution_for
+    from rclip_core.data.coco import DetectionDataset, load_detection_annotations
+    from rclip_core.data.transforms import clip_normalizer
+    from rclip_core.demo import score, zero_shot_on
+    from rclip_core.pseudo_labels import pseudo_labels
+    from rclip_core.recipes import load_recipe
+    from rclip_core.text_embed import load_embeddings
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("run", type=Path, help="one seed's folder of benchmarks/toyworld_pretraining.py")
+    ap.add_argument("--seed", type=int, default=0, help="its toy-world seed")
+    args = ap.parse_args()
+    world, teacher = args.run / "toyworld", str(args.run / "teacher" / "checkpoint.pt")
+    recipe = load_recipe("demo_tiny_toyworld", [f"toyworld.seed={args.seed}"])
+    student = load_recipe(recipe.demo.student)
+    out = args.run / "diagnosis"
+    out.mkdir(exist_ok=True)
+
+    def accuracy(split: str, size: int) -> float:
+        r = load_recipe("demo_tiny_toyworld", [f"input.min_size={size}", f"input.max_size={2 * size}"])
+        dets = zero_shot_on(create_clip(None, teacher), r, world / f"instances_{split}.json", world / "images",
+                            out / f"dets_{split}_{size}.json", device="cpu")
+        return 100 * score(world / f"instances_{split}.json", dets).accuracy
+
+    for split, size in (("web", 64), ("web", 128), ("train", 128), ("val", 128)):
+        print(f"teacher GT-box accuracy, {split} images at {size} px: {accuracy(split, size):.1f} %", flush=True)
+
+    clip = create_clip(None, teacher).eval()
+    concepts = load_embeddings(args.run / "concepts.pt")
+    records, categories, _ = load_detection_annotations(world / "instances_train.json")
+    shape = {c["id"]: c["name"] for c in categories}
+    data = DetectionDataset(records, world / "images", min_sizes=recipe.input.min_size, max_size=recipe.input.max_size)
+    normalise = clip_normalizer(recipe.input.pixel_mean, recipe.input.pixel_std)
+    trunk = CLIPTrunk(clip.visual)
+    head = RegionHead(clip.visual.layer4, clip.visual.attnpool, pooler_resolution=pooler_resolution_for("tiny"))
+    right = confident = confident_right = no_shape = total = 0
+    with torch.inference_mode():
+        for i in range(len(data)):
+            item = data[i]
+            if item["image"] is None or not len(item["boxes"]):
+                continue
+            regions = head(trunk(normalise([item["image"]]).tensors), [item["boxes"].float()])
+            pl = pseudo_labels(regions, concepts.embeddings, temperature=student.pretrain.teacher_temperature,
+                               threshold=0.0)
+            best_p = pl.teacher_probs.max(dim=1).values
+            for label, target, p in zip(item["labels"].tolist(), pl.targets.tolist(), best_p.tolist()):
+                name = concepts.names[target]
+                total += 1
+                right += name == shape[label]
+                no_shape += name not in shape.values()
+                if p > 0.9:
+                    confident += 1
+                    confident_right += name == shape[label]
+    print(f"pseudo labels of {total} training-scene GT boxes: {100 * right / total:.1f} % name the box's shape; "
+          f"{100 * confident_right / max(confident, 1):.1f} % of the {confident} with p > 0.9; "
+          f"{100 * no_shape / total:.1f} % name no shape at all")
+
+
+if __name__ == "__main__":
+    main()
