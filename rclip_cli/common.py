@@ -128,7 +128,26 @@ def load_clip(recipe: Any, device: str):
 
     clip = create_clip(recipe.model.variant, recipe.model.weights)
     recipe.model.variant = clip.rclip_variant  # the resolved variant is what the saved recipe records
+    if recipe.model.weights is not None:  # a finetuned detector (`rclip finetune`): its heads come along
+        from rclip_core.finetune import read_detector
+
+        clip.rclip_detector = read_detector(recipe.model.weights)
     return clip.to(device).eval()
+
+
+def default_regions(regions: str | None, recipe: Any) -> str:
+    """The region source of a detecting command: ``regions`` as given, else a finetuned detector's own RPN (when
+    ``--weights`` is a detector checkpoint), else selective search (no weights needed)."""
+    if regions is not None:
+        return regions
+    weights = recipe.model.weights
+    if weights is not None and Path(weights).is_file() and not weights.endswith(".safetensors"):
+        from rclip_core.checkpoint import read_torch_file
+        from rclip_core.finetune import is_detector_checkpoint
+
+        if is_detector_checkpoint(read_torch_file(weights, what="weights file")):
+            return f"rpn:{weights}"
+    return "selective-search"
 
 
 def recipe_sidecar(out: Path) -> Path:

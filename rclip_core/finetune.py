@@ -291,10 +291,10 @@ def read_detector(path: str | os.PathLike) -> DetectorParts | None:
 
 
 def build_detector(clip: nn.Module, class_embeddings: Tensor, recipe: Recipe, proposal_generator: nn.Module,
-                   parts: DetectorParts):
+                   parts: DetectorParts, *, box_deltas: bool | None = None):
     """A finetuned :class:`~rclip_core.detector.RegionDetector` over ``clip.visual`` with any test-time vocabulary
     (``class_embeddings`` (K', D)): the trained background embedding and box regressor of ``parts``, the recipe's
-    ``zeroshot`` post-processing (soft-NMS, box deltas, score fusion)."""
+    ``zeroshot`` post-processing (soft-NMS, box deltas unless ``box_deltas`` says otherwise, score fusion)."""
     from rclip_core.data.transforms import clip_normalizer
     from rclip_core.detector import RegionDetector, RegionHeads
 
@@ -314,7 +314,7 @@ def build_detector(clip: nn.Module, class_embeddings: Tensor, recipe: Recipe, pr
                           proposal_generator, RegionHeads(head, classifier, reg), score_fusion=zs.score_fusion,
                           score_thresh=zs.score_thresh, nms_thresh=zs.nms_thresh, max_dets=zs.max_dets, amp=zs.amp,
                           nms=zs.nms, soft_nms_sigma=zs.soft_nms_sigma, soft_nms_prune=zs.soft_nms_prune,
-                          box_deltas=zs.box_deltas)
+                          box_deltas=zs.box_deltas if box_deltas is None else box_deltas)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -203,3 +203,66 @@ def test_shipped_recipes_pin_the_original_values():
         assert (g.bg_weight, g.focal_gamma, g.repeat_factor_thresh) == (0.8, None, 0.001)
         z = lvis.zeroshot
         assert (z.nms, z.score_thresh, z.max_dets, z.score_fusion) == ("soft", 0.02, 300, "raw_logit")
+
+
+@pytest.fixture(scope="module")
+def detector(toy):
+    """A detector checkpoint finetuned for two steps (random tiny CLIP and RPN: the numbers mean nothing)."""
+    from rclip_core.finetune import run_finetune
+
+    # A large initial box regressor is not what finetuning gives, but makes moved boxes easy to see.
+    run_finetune(_recipe(toy), out_dir=toy["root"] / "det")
+    ckpt = toy["root"] / "det" / "checkpoint.pt"
+    obj = torch.load(ckpt, weights_only=True)
+    obj["model"]["box_regressor.bias"] = torch.tensor([0.5, -0.5, 0.3, 0.2])
+    torch.save(obj, ckpt)
+    return ckpt
+
+
+def _zeroshot(toy, detector, tmp_path, *extra):
+    out = tmp_path / "dets.json"
+    names = "circle,square,triangle,star,cross,ring,hexagon,heart"
+    r = CliRunner().invoke(cli, ["zeroshot", "--images", str(toy["world"].images_dir), "--annotations",
+                                 str(toy["world"].instances_json), "--weights", str(detector), "--recipe",
+                                 "finetune_tiny_toyworld", "--classes", names, "--out", str(out), "--limit", "2",
+                                 *extra])
+    return r, out
+
+
+def test_zeroshot_runs_a_finetuned_detector_with_its_rpn_and_box_regression(toy, detector, tmp_path):
+    r, out = _zeroshot(toy, detector, tmp_path)
+    assert r.exit_code == 0, r.output
+    summary = json.loads(out.with_name("dets.summary.json").read_text())
+    assert summary["region_source"] == f"RPN {detector}" and summary["regions"] > 0
+    moved = json.loads(out.read_text())
+    assert moved and {d["category_id"] for d in moved} <= set(range(1, 9))
+    r2, out2 = _zeroshot(toy, detector, tmp_path / "kept", "--set", "zeroshot.box_deltas=false")
+    assert r2.exit_code == 0, r2.output
+    kept = json.loads(out2.read_text())
+    # Same regions, same classifier: with the regression off, boxes are the RPN's own and differ from the moved ones.
+    assert {tuple(d["bbox"]) for d in moved} != {tuple(d["bbox"]) for d in kept}
+
+
+def test_gt_boxes_with_a_finetuned_detector_are_named_not_moved(toy, detector, tmp_path):
+    out = tmp_path / "gt.json"
+    r = CliRunner().invoke(cli, ["zeroshot", "--images", str(toy["world"].images_dir), "--gt-boxes",
+                                 str(toy["world"].instances_json), "--weights", str(detector), "--recipe",
+                                 "finetune_tiny_toyworld", "--classes", "circle,square,star", "--out", str(out),
+                                 "--set", "zeroshot.nms=hard", "--set", "zeroshot.score_thresh=0"])
+    assert r.exit_code == 0, r.output
+    gt = {(a["image_id"], tuple(round(v, 3) for v in a["bbox"])) for a in toy["data"]["annotations"]}
+    dets = {(d["image_id"], tuple(d["bbox"])) for d in json.loads(out.read_text())}
+    assert dets and dets <= gt
+
+
+def test_a_test_time_embedding_file_of_another_dimension_is_refused(toy, detector, tmp_path):
+    from rclip_core.text_embed import Embeddings, save_embeddings
+
+    wide = Embeddings(names=["circle", "star"], embeddings=torch.nn.functional.normalize(torch.randn(2, 64), dim=1),
+                      templates=[], model="imported")
+    save_embeddings(wide, tmp_path / "wide.pt")
+    r = CliRunner().invoke(cli, ["zeroshot", "--images", str(toy["world"].images_dir), "--annotations",
+                                 str(toy["world"].instances_json), "--weights", str(detector), "--embeddings",
+                                 str(tmp_path / "wide.pt"), "--out", str(tmp_path / "d.json")])
+    assert r.exit_code != 0 and "dimension 64 does not match the model's 32" in r.output
+    assert "Traceback" not in r.output and not (tmp_path / "d.json").exists()
