@@ -490,8 +490,8 @@ def check_inputs(recipe: Recipe, retain_check: str | os.PathLike | None = None) 
             problems.append(f"{key} is not set")
         elif not Path(path).exists():
             problems.append(f"{key}: {path} not found")
-    if (cfg.val_annotations is None) != (cfg.val_images is None):
-        problems.append("finetune.val_annotations and finetune.val_images go together")
+    if cfg.val_annotations is not None and cfg.val_images is None:
+        problems.append("finetune.val_annotations needs finetune.val_images (the folder of its images)")
     if retain_check is not None:
         if not Path(retain_check).is_file():
             problems.append(f"--retain-check: {retain_check} not found")

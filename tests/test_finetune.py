@@ -266,3 +266,64 @@ def test_a_test_time_embedding_file_of_another_dimension_is_refused(toy, detecto
                                  str(tmp_path / "wide.pt"), "--out", str(tmp_path / "d.json")])
     assert r.exit_code != 0 and "dimension 64 does not match the model's 32" in r.output
     assert "Traceback" not in r.output and not (tmp_path / "d.json").exists()
+
+
+def _held_out_file(toy, path, names=("star", "heart")):
+    data = toy["data"]
+    keep = {c["id"] for c in data["categories"] if c["name"] in names}
+    path.write_text(json.dumps({"images": data["images"], "categories": [c for c in data["categories"]
+                                                                         if c["id"] in keep],
+                                "annotations": [a for a in data["annotations"] if a["category_id"] in keep]}))
+    return path
+
+
+def test_retain_check_measures_held_out_accuracy_before_and_after(toy, tmp_path):
+    from rclip_core.finetune import build_stage, load_retain_check
+
+    ann = _held_out_file(toy, tmp_path / "held_out.json")
+    out = tmp_path / "run"
+    args = ["finetune", "finetune_tiny_toyworld", "--out", str(out), "--retain-check", str(ann),
+            *sum((["--set", s] for s in toy["sets"] + [f"finetune.val_images={toy['world'].images_dir}"]), [])]
+    r = CliRunner().invoke(cli, args)
+    assert r.exit_code == 0, r.output
+    assert "held-out GT-box accuracy" in r.output and "points" in r.output
+    before = json.loads((out / "retain_before.json").read_text())["accuracy"]
+    ev = json.loads((out / "eval_step0000002.json").read_text())["retain"]
+    assert ev["before"] == before and ev["change"] == pytest.approx(ev["accuracy"] - before)
+    # "before" is the untrained model's accuracy; "accuracy" the finetuned one's, measured the same way.
+    recipe = _recipe(toy, f"finetune.val_images={toy['world'].images_dir}")
+    stage = build_stage(recipe)
+    check = load_retain_check(ann, toy["world"].images_dir, stage.model.clip, recipe, stage.training_set.class_names)
+    assert check.accuracy(stage.model, recipe) == pytest.approx(before)
+    state = torch.load(out / "checkpoint.pt", weights_only=True)["model"]
+    stage.model.weights.load_state_dict(state)
+    assert check.accuracy(stage.model, recipe) == pytest.approx(ev["accuracy"])
+
+
+def test_retain_check_refuses_trained_categories(toy, tmp_path):
+    ann = _held_out_file(toy, tmp_path / "mixed.json", names=("star", "circle"))
+    r = CliRunner().invoke(cli, ["finetune", "finetune_tiny_toyworld", "--out", str(tmp_path / "run"),
+                                 "--retain-check", str(ann), *sum((["--set", s] for s in toy["sets"] + [
+                                     f"finetune.val_images={toy['world'].images_dir}"]), [])])
+    assert r.exit_code != 0 and "circle is trained on" in r.output and "Traceback" not in r.output
+
+
+def test_evaluation_hook_reports_the_change_since_before(tmp_path):
+    from rclip_core.engine import StepInfo
+    from rclip_core.finetune import EvaluationHook
+
+    class Held:
+        annotations = "held.json"
+
+        def accuracy(self, model, recipe, device):
+            return 0.7
+
+    hook = EvaluationHook(None, load_recipe(None, ["finetune.eval_every=5"]), tmp_path, device="cpu",
+                          retain=Held(), retain_before=0.4)
+    for step in range(1, 11):
+        hook.after_step(StepInfo(step=step, total=12, start_step=0, losses={}, lr=0.1, seconds=1.0))
+    assert [r["step"] for r in hook.results] == [5, 10]
+    rec = json.loads((tmp_path / "eval_step0000010.json").read_text())["retain"]
+    assert rec["accuracy"] == 0.7 and rec["before"] == 0.4 and rec["change"] == pytest.approx(0.3)
+    hook.after_step(StepInfo(step=12, total=12, start_step=0, losses={}, lr=0.1, seconds=1.0))
+    assert hook.results[-1]["step"] == 12  # the last step is always evaluated
