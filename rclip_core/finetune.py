@@ -621,3 +621,69 @@ def _fingerprint(clip: nn.Module) -> str | None:
     from rclip_core.text_encoder import TextEncoder
 
     return TextEncoder(clip).fingerprint()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the original release's finetuned checkpoints
+
+# regionclip_finetuned-*.pth box predictor (FastRCNNOutputLayers with text-embedding classifier, class-agnostic
+# regression; regionclip_facts.md §1.1) -> DetectorWeights keys.
+BOX_PREDICTOR_TABLE = {
+    "roi_heads.box_predictor.cls_score.weight": "classifier.class_embeddings",  # (K, D), frozen text embeddings
+    "roi_heads.box_predictor.cls_bg_score.weight": "classifier.bg_embedding",  # (1, D) -> (D,)
+    "roi_heads.box_predictor.bbox_pred.weight": "box_regressor.weight",  # (4, D)
+    "roi_heads.box_predictor.bbox_pred.bias": "box_regressor.bias",  # (4,)
+}
+
+
+def convert_release_detector(src: str | os.PathLike, dst: str | os.PathLike, *, variant: str | None = None,
+                             text_from: str | None = None, force: bool = False) -> list[str]:
+    """Turn an original finetuned checkpoint (``regionclip_finetuned-{coco,lvis}_{rn50,rn50x4}.pth``: ``backbone.*``,
+    ``roi_heads.box_predictor.*``, ``offline_*``) into a detector checkpoint (module docstring), written atomically.
+
+    The CLIP part goes through :func:`rclip_core.convert.convert_state_dict` (``text_from`` supplies the text tower
+    these files lack); the box predictor through :data:`BOX_PREDICTOR_TABLE`; the offline RPN through
+    :func:`rclip_core.rpn.convert.convert_rpn_state_dict` (architecture read from its keys). ``test_cls_score`` (a
+    test vocabulary baked into the file) is dropped: rclip takes the test vocabulary at run time. A mask head (LVIS)
+    is kept aside under ``mask_head``, unused. Returns report lines.
+    """
+    from rclip_core.checkpoint import read_state_dict, save_checkpoint
+    from rclip_core.convert import convert_state_dict
+    from rclip_core.io import check_writable
+    from rclip_core.recipes import RpnCfg
+    from rclip_core.rpn.convert import convert_rpn_state_dict, select_detectron2_rpn
+
+    check_writable(dst, force=force)
+    state = read_state_dict(src)
+    converted = convert_state_dict(state, variant=variant, text_from=text_from, source=str(src))
+    predictor = converted.extras.get("box_predictor") or {}
+    missing = [k for k in BOX_PREDICTOR_TABLE if k not in predictor]
+    if missing:
+        raise RclipError(f"{src}: not a finetuned RegionCLIP checkpoint (no {', '.join(missing)})")
+    shape = tuple(predictor["roi_heads.box_predictor.bbox_pred.weight"].shape)
+    if shape[0] != 4:
+        raise RclipError(f"{src}: class-specific box regression {shape}; only class-agnostic (4, D) is supported")
+    model = {f"clip.{k}": v for k, v in converted.model.items()}
+    for old, new in BOX_PREDICTOR_TABLE.items():
+        model[new] = predictor[old].float()
+    model["classifier.class_embeddings"] = nn.functional.normalize(model["classifier.class_embeddings"], dim=-1)
+    model["classifier.bg_embedding"] = model["classifier.bg_embedding"].reshape(-1)
+    report = converted.report
+    lines = [line for line in report.lines() if not line.startswith("wrote")]
+    detector: dict = {"class_names": []}
+    if "offline_rpn" in converted.extras:
+        rpn, rpn_cfg, rpn_report = convert_rpn_state_dict(
+            select_detectron2_rpn(converted.extras["offline_rpn"], str(src)), RpnCfg(), source=f"{src} offline RPN")
+        detector["rpn"] = {"model": rpn.state_dict(), "recipe": {"rpn": recipe_to_dict(rpn_cfg)}}
+        lines += [f"offline RPN {line}" for line in rpn_report.lines()[1:]]
+    else:
+        lines.append("offline RPN none in the file: give regions with --rpn / --regions when detecting")
+    if any(k.startswith("roi_heads.box_predictor.test_cls_score") for k in predictor):
+        lines.append("dropped     test_cls_score (the test vocabulary is given at run time: --classes/--embeddings)")
+    extra = {"mask_head": converted.extras["mask_head"]} if "mask_head" in converted.extras else {}
+    save_checkpoint(dst, model, recipe={"model": {"variant": report.variant}}, step=0, force=force,
+                    converted_from=str(src), text_source=report.text_source, **{DETECTOR_KEY: detector}, **extra)
+    lines.append(f"detector    {int(model['classifier.class_embeddings'].shape[0])} training classes, "
+                 "class-agnostic box regression, background embedding from cls_bg_score")
+    lines.append(f"wrote       {dst}")
+    return lines
