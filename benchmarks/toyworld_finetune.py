@@ -36,10 +36,13 @@ def main() -> None:
     ap.add_argument("--demo", type=Path, required=True, help="an `rclip demo --out` folder")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--out", type=Path, default=Path("runs/toyworld_finetune"))
+    ap.add_argument("--init", type=Path, default=None,
+                    help="the pretrained encoder to finetune and to run zero-shot (default: DEMO/student)")
     ap.add_argument("--set", dest="overrides", nargs="*", default=[], help="finetune recipe overrides")
     args = ap.parse_args()
     world = existing_world(args.demo)
-    student, rpn = args.demo / "student" / "checkpoint.pt", args.demo / "rpn" / "checkpoint.pt"
+    student = args.init or args.demo / "student" / "checkpoint.pt"
+    rpn = args.demo / "rpn" / "checkpoint.pt"
     rows: dict[str, list[dict]] = {}
     zs = detect_shapes(student, world, rpn=rpn, recipe_name="demo_tiny_toyworld",
                        overrides=["zeroshot.num_proposals=100"])

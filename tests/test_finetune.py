@@ -327,3 +327,19 @@ def test_evaluation_hook_reports_the_change_since_before(tmp_path):
     assert rec["accuracy"] == 0.7 and rec["before"] == 0.4 and rec["change"] == pytest.approx(0.3)
     hook.after_step(StepInfo(step=12, total=12, start_step=0, losses={}, lr=0.1, seconds=1.0))
     assert hook.results[-1]["step"] == 12  # the last step is always evaluated
+
+
+def test_repeat_factor_sampling_repeats_images_of_rare_categories():
+    from rclip_core.data.coco import ImageRecord
+    from rclip_core.finetune import repeat_factor_indices
+
+    # Of 11 images, category 0 is in 10 and category 1 in one: f = 10/11 and 1/11; with t = 4/11,
+    # r = max(1, sqrt(t / f)) is 1 for the common images and 2 for the rare one (no stochastic rounding).
+    records = [ImageRecord(id=i, file_name=f"{i}.png", gt_labels=torch.tensor([0])) for i in range(9)]
+    records.append(ImageRecord(id=9, file_name="9.png", gt_labels=torch.tensor([1, 0])))
+    records.append(ImageRecord(id=10, file_name="10.png"))  # a negative image: r = 1
+    idx = repeat_factor_indices(records, 2, 4 / 11, seed=0)
+    assert sorted(idx) == [*range(9), 9, 9, 10]
+    # A fractional factor rounds stochastically: t = 2/11 gives sqrt(2) = 1.41 -> 2 copies in about 41 % of seeds.
+    twos = sum(repeat_factor_indices(records, 2, 2 / 11, seed=s).count(9) == 2 for s in range(200))
+    assert 50 < twos < 115
