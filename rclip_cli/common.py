@@ -74,7 +74,9 @@ def recipe_options(fn: Callable) -> Callable:
     def wrapper(*args: Any, recipe_path: str | None, overrides: tuple[str, ...], **kwargs: Any) -> Any:
         from rclip_core.recipes import load_recipe
 
-        return fn(*args, recipe=load_recipe(recipe_path, overrides), **kwargs)
+        recipe = load_recipe(recipe_path, overrides)
+        recipe.rclip_given = (recipe_path, tuple(overrides))  # for a detector checkpoint's own test settings
+        return fn(*args, recipe=recipe, **kwargs)
 
     return wrapper
 
@@ -132,6 +134,15 @@ def load_clip(recipe: Any, device: str):
         from rclip_core.finetune import read_detector
 
         clip.rclip_detector = read_detector(recipe.model.weights)
+        path, overrides = getattr(recipe, "rclip_given", ("given", ()))
+        if clip.rclip_detector is not None and path is None:
+            # No --recipe: the detector's own test settings (soft-NMS, detections per image, score fusion, input
+            # size) from its stored recipe, with this command's --set laid over them.
+            from rclip_core.recipes import load_recipe
+
+            stored = clip.rclip_detector.recipe
+            own = load_recipe(None, overrides, base={k: stored[k] for k in ("zeroshot", "input") if k in stored})
+            recipe.zeroshot, recipe.input = own.zeroshot, own.input
     return clip.to(device).eval()
 
 

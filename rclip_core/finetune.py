@@ -681,7 +681,10 @@ def convert_release_detector(src: str | os.PathLike, dst: str | os.PathLike, *, 
     if any(k.startswith("roi_heads.box_predictor.test_cls_score") for k in predictor):
         lines.append("dropped     test_cls_score (the test vocabulary is given at run time: --classes/--embeddings)")
     extra = {"mask_head": converted.extras["mask_head"]} if "mask_head" in converted.extras else {}
-    save_checkpoint(dst, model, recipe={"model": {"variant": report.variant}}, step=0, force=force,
+    # The original's test scripts use gaussian soft-NMS for finetuned detectors (their other test settings differ
+    # between COCO and LVIS: give them with --recipe / --set).
+    save_checkpoint(dst, model, recipe={"model": {"variant": report.variant}, "zeroshot": {"nms": "soft"}}, step=0,
+                    force=force,
                     converted_from=str(src), text_source=report.text_source, **{DETECTOR_KEY: detector}, **extra)
     lines.append(f"detector    {int(model['classifier.class_embeddings'].shape[0])} training classes, "
                  "class-agnostic box regression, background embedding from cls_bg_score")

@@ -343,3 +343,19 @@ def test_repeat_factor_sampling_repeats_images_of_rare_categories():
     # A fractional factor rounds stochastically: t = 2/11 gives sqrt(2) = 1.41 -> 2 copies in about 41 % of seeds.
     twos = sum(repeat_factor_indices(records, 2, 2 / 11, seed=s).count(9) == 2 for s in range(200))
     assert 50 < twos < 115
+
+
+def test_without_a_recipe_a_detector_brings_its_own_test_settings(toy, detector, tmp_path):
+    import yaml
+
+    base = ["zeroshot", "--images", str(toy["world"].images_dir), "--annotations", str(toy["world"].instances_json),
+            "--weights", str(detector), "--classes", "circle,star", "--limit", "1"]
+    r = CliRunner().invoke(cli, [*base, "--out", str(tmp_path / "a.json"), "--set", "zeroshot.max_dets=7"])
+    assert r.exit_code == 0, r.output
+    used = yaml.safe_load((tmp_path / "a.json.recipe.yaml").read_text())["zeroshot"]
+    # Its stored recipe (finetune_tiny_toyworld + the fixture's --set) under this command's --set.
+    assert (used["nms"], used["num_proposals"], used["temperature"], used["max_dets"]) == ("soft", 20, 0.07, 7)
+    r = CliRunner().invoke(cli, [*base, "--out", str(tmp_path / "b.json"), "--recipe", "zeroshot_rn50_coco_gt",
+                                 "--variant", "tiny"])
+    assert r.exit_code == 0, r.output
+    assert yaml.safe_load((tmp_path / "b.json.recipe.yaml").read_text())["zeroshot"]["nms"] == "hard"  # as asked
