@@ -141,21 +141,26 @@ def soft_nms(boxes: Tensor, scores: Tensor, labels: Tensor, *, sigma: float = 0.
     Returns:
         (indices into the inputs, their decayed scores), sorted by decayed score (highest first).
     """
-    keep_idx, keep_scores = [], []
+    import numpy as np
+
+    keep_idx: list[int] = []
+    keep_scores: list[float] = []
     for c in labels.unique():
         rows = (labels == c).nonzero()[:, 0]
-        iou = box_iou(boxes[rows], boxes[rows])  # (n, n), computed once per class
-        s = scores[rows].clone().float()
-        alive = torch.ones_like(s, dtype=torch.bool)
-        while bool(alive.any()):
-            top = int(torch.where(alive, s, torch.full_like(s, -1.0)).argmax())
-            keep_idx.append(rows[top])
-            keep_scores.append(s[top])
+        # NumPy for the sequential loop: one small-array step per kept box, where torch's per-call overhead would
+        # dominate (the loop is the original's, inherently serial).
+        iou = box_iou(boxes[rows], boxes[rows]).cpu().double().numpy()  # (n, n), computed once per class
+        s = scores[rows].detach().cpu().double().numpy()
+        rows_np = rows.cpu().numpy()
+        alive = np.ones(s.shape[0], dtype=bool)
+        while alive.any():
+            top = int(np.where(alive, s, -1.0).argmax())
+            keep_idx.append(int(rows_np[top]))
+            keep_scores.append(float(s[top]))
             alive[top] = False
-            s = torch.where(alive, s * torch.exp(-iou[top] ** 2 / sigma), s)
+            s = np.where(alive, s * np.exp(-iou[top] ** 2 / sigma), s)
             alive &= s > prune
-    if not keep_idx:
-        return torch.zeros((0,), dtype=torch.int64, device=boxes.device), scores.new_zeros((0,))
-    idx, sc = torch.stack(keep_idx), torch.stack(keep_scores).to(scores.dtype)
+    idx = torch.tensor(keep_idx, dtype=torch.int64, device=boxes.device)
+    sc = torch.tensor(keep_scores, dtype=scores.dtype, device=scores.device)
     order = sc.argsort(descending=True, stable=True)
     return idx[order], sc[order]
