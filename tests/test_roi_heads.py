@@ -211,3 +211,10 @@ def test_a_gt_box_with_no_proposal_above_the_threshold_gets_no_low_quality_match
     props = torch.tensor([[0., 0., 10., 4.], [50., 50., 60., 60.]])  # IoU 0.4 with the GT, and nothing
     out = ProposalSampler(num_classes=1, append_gt=False)([props], [gt], [torch.tensor([0])])
     assert out.gt_classes[0].tolist() == [1, 1]  # both background (detectron2's RoI matcher)
+
+
+def test_soft_nms_prunes_boxes_decayed_below_the_threshold():
+    boxes = torch.tensor([[0., 0., 10., 10.]] * 3)  # identical: each pick decays the rest by exp(-1 / 0.5)
+    idx, sc = soft_nms(boxes, torch.tensor([0.01, 0.009, 0.008]), torch.zeros(3, dtype=torch.int64))
+    assert idx.tolist() == [0, 1]  # the third fell to 0.008 e^-4 = 1.5e-4 < 0.001
+    assert sc.tolist() == pytest.approx([0.01, 0.009 * math.exp(-2)])
