@@ -359,3 +359,11 @@ def test_without_a_recipe_a_detector_brings_its_own_test_settings(toy, detector,
                                  "--variant", "tiny"])
     assert r.exit_code == 0, r.output
     assert yaml.safe_load((tmp_path / "b.json.recipe.yaml").read_text())["zeroshot"]["nms"] == "hard"  # as asked
+
+
+def test_visualize_draws_a_finetuned_detectors_boxes_with_its_rpn(toy, detector, tmp_path):
+    image = sorted(toy["world"].images_dir.iterdir())[0]
+    r = CliRunner().invoke(cli, ["visualize", str(image), "--weights", str(detector), "--classes", "circle,star",
+                                 "--score-thresh", "0", "--out", str(tmp_path / "vis")])
+    assert r.exit_code == 0, r.output
+    assert f"regions from RPN {detector}" in r.output and (tmp_path / "vis" / "detections.json").is_file()
