@@ -74,7 +74,9 @@ def recipe_options(fn: Callable) -> Callable:
     def wrapper(*args: Any, recipe_path: str | None, overrides: tuple[str, ...], **kwargs: Any) -> Any:
         from rclip_core.recipes import load_recipe
 
-        return fn(*args, recipe=load_recipe(recipe_path, overrides), **kwargs)
+        recipe = load_recipe(recipe_path, overrides)
+        recipe.rclip_given = (recipe_path, tuple(overrides))  # for a detector checkpoint's own test settings
+        return fn(*args, recipe=recipe, **kwargs)
 
     return wrapper
 
@@ -128,7 +130,35 @@ def load_clip(recipe: Any, device: str):
 
     clip = create_clip(recipe.model.variant, recipe.model.weights)
     recipe.model.variant = clip.rclip_variant  # the resolved variant is what the saved recipe records
+    if recipe.model.weights is not None:  # a finetuned detector (`rclip finetune`): its heads come along
+        from rclip_core.finetune import read_detector
+
+        clip.rclip_detector = read_detector(recipe.model.weights)
+        path, overrides = getattr(recipe, "rclip_given", ("given", ()))
+        if clip.rclip_detector is not None and path is None:
+            # No --recipe: the detector's own test settings (soft-NMS, detections per image, score fusion, input
+            # size) from its stored recipe, with this command's --set laid over them.
+            from rclip_core.recipes import load_recipe
+
+            stored = clip.rclip_detector.recipe
+            own = load_recipe(None, overrides, base={k: stored[k] for k in ("zeroshot", "input") if k in stored})
+            recipe.zeroshot, recipe.input = own.zeroshot, own.input
     return clip.to(device).eval()
+
+
+def default_regions(regions: str | None, recipe: Any) -> str:
+    """The region source of a detecting command: ``regions`` as given, else a finetuned detector's own RPN (when
+    ``--weights`` is a detector checkpoint), else selective search (no weights needed)."""
+    if regions is not None:
+        return regions
+    weights = recipe.model.weights
+    if weights is not None and Path(weights).is_file() and not weights.endswith(".safetensors"):
+        from rclip_core.checkpoint import read_torch_file
+        from rclip_core.finetune import is_detector_checkpoint
+
+        if is_detector_checkpoint(read_torch_file(weights, what="weights file")):
+            return f"rpn:{weights}"
+    return "selective-search"
 
 
 def recipe_sidecar(out: Path) -> Path:

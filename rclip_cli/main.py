@@ -36,6 +36,7 @@ COMMANDS: dict[str, str] = {
     "embed": "rclip_cli.embed:embed",
     "eval": "rclip_cli.eval:eval_cmd",
     "pretrain": "rclip_cli.pretrain:pretrain",
+    "finetune": "rclip_cli.finetune:finetune",
     "rpn": "rclip_cli.rpn:rpn",
     "visualize": "rclip_cli.visualize:visualize",
     "vocab": "rclip_cli.vocab:vocab",

@@ -55,12 +55,13 @@ def visualize(inputs, classes, embeddings, regions, out, topk, score_thresh, htm
       rclip visualize photo.jpg --classes "cat,dog,sofa" --weights openai
       rclip visualize photos/ --rpn rpn.rclip.pt --classes lvis1203 --weights rn50.rclip.pt --out vis --html
     """
+    from rclip_cli.common import default_regions
     from rclip_core.data.class_lists import class_source
     from rclip_core.data.files import image_files, picture_outputs
     from rclip_core.io import check_outputs
     from rclip_core.region_spec import RegionSource
 
-    source = RegionSource.parse(regions or "selective-search")
+    source = RegionSource.parse(default_regions(regions, recipe))
     check_inputs(("--regions", source.path))
     files = image_files(inputs)
     png_names, outputs = picture_outputs(files, html=html)

@@ -25,8 +25,11 @@ def weights() -> None:
               help="Text tower for checkpoints without one (finetuned): a pretrained RegionCLIP or OpenAI CLIP file "
                    "of the same variant, an open_clip tag (openai), or 'random' when only precomputed class "
                    "embeddings will be used.")
+@click.option("--detector", is_flag=True,
+              help="SRC is a finetuned release (regionclip_finetuned-*.pth): write a detector checkpoint (CLIP, box "
+                   "predictor, offline RPN) for rclip zeroshot/visualize --weights.")
 @force_option
-def convert(src: Path, dst: Path, variant: str | None, text_from: str | None, force: bool) -> None:
+def convert(src: Path, dst: Path, variant: str | None, text_from: str | None, detector: bool, force: bool) -> None:
     """Convert a RegionCLIP release checkpoint (or OpenAI CLIP) SRC into an rclip checkpoint.
 
     \b
@@ -36,6 +39,12 @@ def convert(src: Path, dst: Path, variant: str | None, text_from: str | None, fo
     from rclip_core.io import check_outputs
 
     check_outputs(dst, force=force)  # before torch is imported
+    if detector:
+        from rclip_core.finetune import convert_release_detector
+
+        for line in convert_release_detector(src, dst, variant=variant, text_from=text_from, force=force):
+            click.echo(line)
+        return
     from rclip_core.convert import convert_checkpoint
 
     report = convert_checkpoint(src, dst, variant=variant, text_from=text_from, force=force)

@@ -49,10 +49,13 @@ def zeroshot(image_dir, classes, embeddings, regions, annotations, out, limit, s
       rclip zeroshot --gt-boxes instances_val2017.json --images val2017 --embeddings coco80.pt --out dets.json
       rclip zeroshot --rpn rpn_lvis_866.rclip.pt --images my_photos --classes lvis1203 --out dets.json
       rclip zeroshot --regions selective-search --images my_photos --classes "cat,dog" --out dets.json
+      rclip zeroshot --weights runs/ovcoco/checkpoint.pt --recipe runs/ovcoco/recipe.yaml --images val2017 \
+          --annotations instances_val2017.json --classes coco65 --out dets.json   (a finetuned detector: its RPN)
     """
+    from rclip_cli.common import default_regions
     from rclip_core.region_spec import RegionSource
 
-    source = RegionSource.parse(regions or "selective-search")
+    source = RegionSource.parse(default_regions(regions, recipe))
     summary_path, images_path = (out.with_name(out.stem + s) for s in (".summary.json", ".images.json"))
     folder_mode = source.kind != "gt" and annotations is None
     check_outputs(out, summary_path, *((images_path,) if folder_mode else ()), force=force)

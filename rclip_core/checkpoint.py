@@ -77,7 +77,10 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 def state_dict_of(obj: Any, source: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The state dict inside a loaded file: an rclip checkpoint's ``model``, a ``state_dict`` wrapper, or itself."""
+    """The state dict inside a loaded file: an rclip checkpoint's ``model``, a ``state_dict`` wrapper, or itself; of
+    a detector checkpoint (``rclip finetune``, ``rclip_core.finetune``) its CLIP part (``clip.*``)."""
+    if isinstance(obj, dict) and isinstance(obj.get("detector"), dict) and isinstance(obj.get("model"), dict):
+        return {k.removeprefix("clip."): v for k, v in obj["model"].items() if k.startswith("clip.")}
     for key in ("model", "state_dict"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]

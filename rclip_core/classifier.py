@@ -22,6 +22,8 @@ class CosineClassifier(nn.Module):
         temperature: τ; logits are cos / τ (the original's 0.01 is the recipe default, ``zeroshot.temperature``).
         background: append a background column before the softmax.
         bg_embedding: (D,) background embedding; default all-zero (logit 0), the original's zero-shot choice.
+        learn_background: make the background embedding a trained parameter (a finetuning recipe option; the
+            original keeps it frozen at zero).
 
     Example:
         >>> clf = CosineClassifier(torch.eye(3), temperature=0.01, background=True)
@@ -30,13 +32,17 @@ class CosineClassifier(nn.Module):
     """
 
     def __init__(self, class_embeddings: Tensor, *, temperature: float, background: bool,
-                 bg_embedding: Tensor | None = None) -> None:
+                 bg_embedding: Tensor | None = None, learn_background: bool = False) -> None:
         super().__init__()
         self.register_buffer("class_embeddings", F.normalize(class_embeddings.float(), dim=-1))  # (K, D)
         self.temperature = temperature
         self.background = background
         d = class_embeddings.shape[1]
-        self.register_buffer("bg_embedding", bg_embedding.float() if bg_embedding is not None else torch.zeros(d))
+        bg = bg_embedding.detach().float().clone() if bg_embedding is not None else torch.zeros(d)
+        if learn_background:
+            self.bg_embedding = nn.Parameter(bg)
+        else:
+            self.register_buffer("bg_embedding", bg)
 
     @property
     def num_classes(self) -> int:

@@ -305,3 +305,80 @@ def draw_demo(val, dets_by_model: dict[str, list[dict]], scores: dict[str, Stage
     with atomic_open(path, "wb") as f:
         Image.fromarray(grid.permute(1, 2, 0).numpy()).save(f, format="PNG")
     return path
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# open-vocabulary transfer on the toy world (README "Toy-world proof"; benchmarks/toyworld_finetune.py)
+
+
+def train_toy_detector(world: ToyWorld, out_dir: Path, *, student: Path, rpn: Path, seed: int, device: str = "cpu",
+                       overrides: list[str] = (), hooks=()) -> Path:
+    """``rclip finetune finetune_tiny_toyworld`` from the region-pretrained ``student`` with the toy ``rpn``, on
+    the base shapes' boxes of the training scenes; returns the detector checkpoint."""
+    from rclip_core.finetune import run_finetune
+    from rclip_core.recipes import load_recipe
+
+    recipe = load_recipe("finetune_tiny_toyworld", [
+        f"model.weights={student}", f"finetune.rpn={rpn}", f"finetune.annotations={world.train.instances_json}",
+        f"finetune.images={world.train.images_dir}", f"finetune.seed={seed}", *overrides])
+    run_finetune(recipe, out_dir=out_dir, device=device, hooks=hooks)
+    return out_dir / "checkpoint.pt"
+
+
+def _ap50(gt_json: Path, dets: list[dict]) -> dict[str, float | None]:
+    from rclip_core.evaluation import evaluate
+    from rclip_core.io import read_json
+
+    r = evaluate(read_json(gt_json), dets)
+    return {"ap50": r["metrics"]["AP50"], "ap50_base": r["splits"].get("AP50_base"),
+            "ap50_novel": r["splits"].get("AP50_novel")}
+
+
+def existing_world(out: Path) -> ToyWorld:
+    """The toy world an ``rclip demo --out OUT`` run wrote (paths only; nothing is generated)."""
+    from rclip_core.data.toyworld import ToyWorldPaths
+
+    root = Path(out) / "toyworld"
+
+    def split(prefix: str) -> ToyWorldPaths:
+        return ToyWorldPaths(root, root / "images", root / f"instances_{prefix}.json", root / f"captions_{prefix}.json",
+                             0)
+
+    return ToyWorld(split("web"), split("train"), split("val"))
+
+
+def detect_shapes(weights: Path, world: ToyWorld, *, rpn: Path, recipe_name: str, overrides: list[str] = (),
+                  device: str = "cpu", random_novel_seed: int | None = None) -> dict[str, float | None]:
+    """AP50 (all / base / novel) on the held-out scenes of the detector (or plain CLIP) ``weights`` naming every
+    shape by its text embedding, with regions from ``rpn`` (the path of ``rclip zeroshot --weights W --rpn R``).
+
+    ``random_novel_seed``: replace the novel shapes' text embeddings by random unit vectors (seeded): what the
+    detector does without the open vocabulary.
+    """
+    import torch
+
+    from rclip_core.clip_backbone import create_clip
+    from rclip_core.data.coco import load_detection_annotations
+    from rclip_core.finetune import read_detector
+    from rclip_core.recipes import load_recipe
+    from rclip_core.region_spec import RegionSource
+    from rclip_core.text_embed import TEMPLATE_SETS, embed_names
+    from rclip_core.text_encoder import TextEncoder
+    from rclip_core.zeroshot import prepare_images, run_zeroshot
+
+    recipe = load_recipe(recipe_name, list(overrides))
+    clip = create_clip(None, str(weights))
+    clip.rclip_detector = read_detector(weights)
+    _, categories, _ = load_detection_annotations(world.val.instances_json)
+    emb = embed_names(TextEncoder(clip), [c["name"] for c in categories],
+                      templates=TEMPLATE_SETS[recipe.text.templates]).embeddings
+    if random_novel_seed is not None:
+        g = torch.Generator().manual_seed(random_novel_seed)
+        for i, c in enumerate(categories):
+            if c.get("split") == "novel":
+                emb[i] = torch.nn.functional.normalize(torch.randn(emb.shape[1], generator=g), dim=0)
+    source = RegionSource("rpn", rpn)
+    images = prepare_images([c["name"] for c in categories], source, image_dir=world.val.images_dir,
+                            annotations=world.val.instances_json)
+    dets, _ = run_zeroshot(clip, emb, images, source, recipe, device=device)
+    return _ap50(world.val.instances_json, dets)

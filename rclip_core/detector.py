@@ -36,6 +36,7 @@ from rclip_core.clip_backbone import CLIPTrunk, RegionHead
 from rclip_core.data.transforms import ImageNormalizer
 
 ScoreFusion = Literal["raw_logit", "sigmoid", "none"]
+NmsKind = Literal["hard", "soft"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -129,6 +130,8 @@ class RegionOutputs:
         class_logits: (R, K [+1]) cosine / τ, the background column last when the classifier has one.
         box_deltas: (R, 4) class-agnostic box regression, or None without a regressor.
         proposal_losses: the proposal generator's training losses.
+        gt_classes: in training with a sampler, (R,) labels of the sampled regions in 0..K (K = background).
+        regression_targets: in training with a sampler, (R, 4) target deltas of the sampled regions.
     """
 
     proposals: list[Tensor]
@@ -138,17 +141,23 @@ class RegionOutputs:
     class_logits: Tensor
     box_deltas: Tensor | None = None
     proposal_losses: dict[str, Tensor] = field(default_factory=dict)
+    gt_classes: Tensor | None = None
+    regression_targets: Tensor | None = None
 
 
 class RegionHeads(nn.Module):
     """Pooler + res5 + attention pool (``head``) and the cosine ``classifier``, with an optional class-agnostic
-    ``box_regressor`` (``Linear(D, 4)``, the original's ``bbox_pred``) for finetuned detectors."""
+    ``box_regressor`` (``Linear(D, 4)``, the original's ``bbox_pred``) for finetuned detectors, and the training-time
+    ``sampler`` (:class:`rclip_core.roi_heads.ProposalSampler`) that picks and labels the regions a training forward
+    pass classifies."""
 
-    def __init__(self, head: RegionHead, classifier: CosineClassifier, box_regressor: nn.Module | None = None) -> None:
+    def __init__(self, head: RegionHead, classifier: CosineClassifier, box_regressor: nn.Module | None = None, *,
+                 sampler=None) -> None:
         super().__init__()
         self.head = head
         self.classifier = classifier
         self.box_regressor = box_regressor
+        self.sampler = sampler
 
     def forward(self, features: Tensor, boxes_per_image: list[Tensor]) -> tuple[Tensor, Tensor, Tensor | None]:
         """res4 (B, C4, h, w) and B tensors (P_i, 4) → (features (R, D), logits (R, K [+1]), deltas (R, 4) | None)."""
@@ -173,13 +182,15 @@ def fuse_scores(probs: Tensor, objectness: Tensor | None, mode: ScoreFusion) -> 
     return torch.sqrt(probs * obj[:, None])
 
 
-def postprocess(boxes: Tensor, scores: Tensor, *, score_thresh: float, nms_thresh: float, max_dets: int
+def postprocess(boxes: Tensor, scores: Tensor, *, score_thresh: float, nms_thresh: float, max_dets: int,
+                nms: NmsKind = "hard", soft_nms_sigma: float = 0.5, soft_nms_prune: float = 0.001
                 ) -> dict[str, Tensor]:
     """Per-image detections from class-agnostic boxes (R, 4) and scores (R, K).
 
     Keeps every (box, class) pair above ``score_thresh`` (so one box can yield several classes), drops non-finite
     scores, applies class-specific NMS, and keeps the ``max_dets`` best: detectron2's
-    ``fast_rcnn_inference_single_image`` rule.
+    ``fast_rcnn_inference_single_image`` rule. ``nms="soft"`` is gaussian soft-NMS instead
+    (:func:`rclip_core.roi_heads.soft_nms`, the original's finetuned-detector tests): scores are decayed, not cut.
 
     Returns:
         ``{"boxes": (N, 4), "scores": (N,), "labels": (N,) class indices 0..K-1}``, sorted by score.
@@ -191,6 +202,13 @@ def postprocess(boxes: Tensor, scores: Tensor, *, score_thresh: float, nms_thres
     det_boxes = boxes[idx[:, 0]]
     det_scores = scores[keep]
     labels = idx[:, 1]
+    if nms == "soft":
+        from rclip_core.roi_heads import soft_nms
+
+        order, decayed = soft_nms(det_boxes, det_scores, labels, sigma=soft_nms_sigma, prune=soft_nms_prune)
+        det_scores = det_scores.index_put((order,), decayed)
+        order = order[:max_dets]
+        return {"boxes": det_boxes[order], "scores": det_scores[order], "labels": labels[order]}
     order = batched_nms(det_boxes, det_scores, labels, nms_thresh)[:max_dets]
     return {"boxes": det_boxes[order], "scores": det_scores[order], "labels": labels[order]}
 
@@ -207,8 +225,10 @@ class RegionDetector(nn.Module):
         backbone: normalised images → res4 (``out_channels``, ``stride``).
         proposal_generator: :class:`GivenBoxes` or :class:`RPNProposals` (or any module of that signature).
         roi_heads: :class:`RegionHeads`.
-        score_fusion, score_thresh, nms_thresh, max_dets: post-processing of :meth:`detect` (the recipe's
-            ``zeroshot`` section).
+        score_fusion, score_thresh, nms_thresh, max_dets, nms, soft_nms_sigma, soft_nms_prune: post-processing of
+            :meth:`detect` (the recipe's ``zeroshot`` section).
+        box_deltas: apply the RoI heads' box regression to the regions in :meth:`detect` (a finetuned detector;
+            the zero-shot path keeps the regions, the original's NO_BOX_DELTA).
 
     Example:
         >>> det = build_region_detector(clip, emb, recipe, GivenBoxes("boxes"))
@@ -217,8 +237,11 @@ class RegionDetector(nn.Module):
 
     def __init__(self, transform: ImageNormalizer, backbone: CLIPTrunk, proposal_generator: nn.Module,
                  roi_heads: RegionHeads, *, score_fusion: ScoreFusion, score_thresh: float, nms_thresh: float,
-                 max_dets: int, amp: str = "off") -> None:
+                 max_dets: int, amp: str = "off", nms: NmsKind = "hard", soft_nms_sigma: float = 0.5,
+                 soft_nms_prune: float = 0.001, box_deltas: bool = False) -> None:
         super().__init__()
+        self.nms, self.soft_nms_sigma, self.soft_nms_prune = nms, soft_nms_sigma, soft_nms_prune
+        self.box_deltas = box_deltas
         self.transform = transform
         self.backbone = backbone
         self.proposal_generator = proposal_generator
@@ -237,10 +260,18 @@ class RegionDetector(nn.Module):
         features = self.backbone(images.tensors)  # (B, C4, H/16, W/16)
         proposals = self.proposal_generator(batch, images, features)
         boxes = [b.to(features.device, torch.float32) for b in proposals.boxes]
+        objectness = proposals.objectness
+        gt_classes = targets = None
+        sampler = self.roi_heads.sampler
+        if self.training and sampler is not None:  # train on a labelled sample of proposals + GT boxes
+            sampled = sampler(boxes, [item["boxes"] for item in batch], [item["labels"] for item in batch])
+            boxes, objectness = sampled.boxes, None
+            gt_classes = torch.cat(sampled.gt_classes)  # (R,)
+            targets = torch.cat(sampled.regression_targets)  # (R, 4)
         feats, logits, deltas = self.roi_heads(features, boxes)
-        return RegionOutputs(proposals=boxes, objectness=proposals.objectness, image_sizes=images.image_sizes,
+        return RegionOutputs(proposals=boxes, objectness=objectness, image_sizes=images.image_sizes,
                              region_features=feats, class_logits=logits, box_deltas=deltas,
-                             proposal_losses=proposals.losses)
+                             proposal_losses=proposals.losses, gt_classes=gt_classes, regression_targets=targets)
 
     def region_probs(self, outputs: RegionOutputs) -> list[Tensor]:
         """Class probabilities per image (B tensors (P_i, K)): softmax over K [+ background], background dropped."""
@@ -260,18 +291,27 @@ class RegionDetector(nn.Module):
         """Detections per image in resized-image pixels: ``{"boxes", "scores", "labels"}`` (see :func:`postprocess`)
         and ``"num_regions"``, how many regions were classified.
 
-        Regions are the output boxes (no box regression in zero-shot, as the original's NO_BOX_DELTA); proposal
-        objectness is fused into the scores (``score_fusion``).
+        Regions are the output boxes (no box regression in zero-shot, as the original's NO_BOX_DELTA), or with
+        ``box_deltas`` the regions moved by the box regressor and clipped to the image; proposal objectness is fused
+        into the scores (``score_fusion``).
         """
         with self._autocast():
             out = self.forward(batch)
         out.class_logits = out.class_logits.float()
+        deltas = None
+        if self.box_deltas and out.box_deltas is not None:
+            deltas = out.box_deltas.float().split([int(b.shape[0]) for b in out.proposals])
         dets = []
         for i, (boxes, probs) in enumerate(zip(out.proposals, self.region_probs(out))):
             obj = out.objectness[i] if out.objectness is not None else None
             scores = fuse_scores(probs, obj.to(probs.device) if obj is not None else None, self.score_fusion)
+            if deltas is not None:
+                from rclip_core.roi_heads import decode_boxes
+
+                boxes = decode_boxes(deltas[i], boxes, out.image_sizes[i])
             det = postprocess(boxes.float(), scores, score_thresh=self.score_thresh, nms_thresh=self.nms_thresh,
-                              max_dets=self.max_dets)
+                              max_dets=self.max_dets, nms=self.nms, soft_nms_sigma=self.soft_nms_sigma,
+                              soft_nms_prune=self.soft_nms_prune)
             dets.append({**det, "num_regions": int(boxes.shape[0])})
         return dets
 

@@ -101,3 +101,76 @@ def concept_contrastive(region_emb: Tensor, target_emb: Tensor, target_ids: Tens
     positives = target_ids[:, None] == target_ids[None, :]  # (R, R), holds the diagonal
     masked = logits.masked_fill(~positives, float("-inf"))
     return (torch.logsumexp(logits, dim=1) - torch.logsumexp(masked, dim=1)).mean()
+
+
+def fast_rcnn_losses(class_logits: Tensor, box_deltas: Tensor | None, gt_classes: Tensor,
+                     regression_targets: Tensor | None, *, bg_weight: float | None = None,
+                     focal_gamma: float | None = None, smooth_l1_beta: float = 0.0) -> dict[str, Tensor]:
+    """Fast R-CNN losses of the finetuned detector, as the original's ``FastRCNNOutputLayers.losses`` computes them
+    (RegionCLIP §3.4; regionclip_facts.md §2 "Open-vocabulary transfer").
+
+    Classification, over K classes + background (the last column, label ``K``):
+
+    - ``focal_gamma`` None: cross-entropy averaged over the sampled regions; with ``bg_weight`` the background
+      class's weight in torch's *weighted* mean (``sum w_i l_i / sum w_i``), the original's LVIS setting;
+    - ``focal_gamma`` γ: per-region cross-entropy × (1 − p_t)^γ (p_t the softmax probability of the true class),
+      background regions × ``bg_weight``, then the *plain* mean over regions — the original's focal path (COCO),
+      which multiplies the weights in and divides by R, not by their sum.
+
+    Box regression: class-agnostic smooth-L1 (``smooth_l1_beta`` 0 is L1, detectron2's default) between the
+    predicted and target deltas of foreground regions only, summed and divided by the number of sampled regions R
+    (detectron2's normalisation: each foreground region has the same influence whatever the batch holds).
+
+    Args:
+        class_logits: (R, K + 1) logits (cosine / τ), background last.
+        box_deltas: (R, 4) predicted deltas, or None (no regressor: no ``loss_box_reg``).
+        gt_classes: (R,) int64 in 0..K, K = background.
+        regression_targets: (R, 4) target deltas (only foreground rows are read); None without a regressor.
+        bg_weight: the background class's loss weight (0.2 COCO, 0.8 LVIS), None = 1.
+        focal_gamma: γ of the focal scaling (0.5 COCO), None = plain cross-entropy.
+        smooth_l1_beta: where smooth-L1 turns from quadratic to linear.
+
+    Returns:
+        ``{"loss_cls": 0-dim, "loss_box_reg"?: 0-dim}``; for R = 0 zeros still connected to the inputs.
+
+    Example:
+        >>> logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 0.0, 3.0]])  # K = 2, background last
+        >>> out = fast_rcnn_losses(logits, None, torch.tensor([0, 2]), None)
+        >>> round(float(out["loss_cls"]), 4)
+        0.1672
+    """
+    r, k1 = class_logits.shape
+    if gt_classes.shape != (r,):
+        raise ValueError(f"one label per region is needed: {r} logits rows, labels of shape {tuple(gt_classes.shape)}")
+    losses: dict[str, Tensor] = {}
+    if r == 0:
+        losses["loss_cls"] = class_logits.sum() * 0.0
+        if box_deltas is not None:
+            losses["loss_box_reg"] = box_deltas.sum() * 0.0
+        return losses
+    logits = class_logits.float()
+    bg = k1 - 1
+    if focal_gamma is None:
+        weight = None
+        if bg_weight is not None:
+            weight = torch.ones(k1, device=logits.device)
+            weight[bg] = bg_weight
+        losses["loss_cls"] = F.cross_entropy(logits, gt_classes, weight=weight)
+    else:
+        ce = F.cross_entropy(logits, gt_classes, reduction="none")  # (R,)
+        p_t = logits.softmax(dim=1).gather(1, gt_classes[:, None])[:, 0]  # (R,)
+        loss = ce * (1 - p_t) ** focal_gamma
+        if bg_weight is not None:
+            loss = torch.where(gt_classes == bg, loss * bg_weight, loss)
+        losses["loss_cls"] = loss.mean()
+    if box_deltas is not None:
+        if regression_targets is None or regression_targets.shape != (r, 4) or box_deltas.shape != (r, 4):
+            raise ValueError("class-agnostic regression needs (R, 4) predicted and target deltas")
+        fg = gt_classes < bg
+        pred, target = box_deltas[fg].float(), regression_targets[fg].float()
+        if smooth_l1_beta > 0:
+            per = F.smooth_l1_loss(pred, target, beta=smooth_l1_beta, reduction="sum")
+        else:
+            per = (pred - target).abs().sum()
+        losses["loss_box_reg"] = per / r
+    return losses

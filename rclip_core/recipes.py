@@ -82,6 +82,13 @@ class ZeroShotCfg:
     # How RPN objectness joins class probability when proposals are given: sqrt(p * raw logit) as the original
     # ("raw_logit", can give NaN rows that are dropped, or scores above 1), sqrt(p * sigmoid) ("sigmoid"), or "none".
     score_fusion: Literal["raw_logit", "sigmoid", "none"] = "raw_logit"
+    # Class-specific NMS: "hard" (nms_thresh; the original's zero-shot configs) or gaussian "soft" NMS (the original's
+    # finetuned-detector test scripts: sigma 0.5, scores decayed by exp(-IoU^2 / sigma), pruned below prune).
+    nms: Literal["hard", "soft"] = "hard"
+    soft_nms_sigma: float = field(default=0.5, metadata=within(1e-6, None))
+    soft_nms_prune: float = field(default=0.001, metadata=within(0, 1))
+    # A finetuned detector's box regression moves its regions (off = keep the proposals, the original's NO_BOX_DELTA).
+    box_deltas: bool = True
     # Top-N proposals per image (by objectness) when proposals are given.
     num_proposals: int = field(default=1000, metadata=within(1, None))
     # Selective search (no objectness to rank by beyond OpenCV's order): the first N boxes. Not an original setting:
@@ -310,6 +317,69 @@ class PretrainCfg(SolverCfg):
 
 
 @dataclass
+class FinetuneCfg(SolverCfg):
+    """Open-vocabulary detector transfer (RegionCLIP §3.4; regionclip_facts.md §2 "Open-vocabulary transfer"), on the
+    engine. Defaults are the original's OV-COCO RN50 config (CLIP_fast_rcnn_R_50_C4_ovd.yaml): SGD momentum 0.9, lr
+    0.002, 16 images per step, 90k steps decayed x0.1 at 60k and 80k, 5000 warm-up steps from 0.001, weight decay
+    1e-4; shorter side 640-800 (longer <= 1333) with flips; stem + res2 frozen, FrozenBN; τ 0.01 against frozen text
+    embeddings with an all-zero frozen background embedding; CE with background weight 0.2 and focal scaling γ 0.5;
+    class-agnostic box regression (L1, detectron2's smooth-L1 beta 0); 512 RoIs per image, 25 % foreground at IoU 0.5,
+    GT boxes appended to the proposals. Test-time settings are the recipe's ``zeroshot`` section.
+    """
+
+    steps: int = field(default=90000, metadata=within(1, None))
+    batch_size: int = field(default=16, metadata=within(1, None))
+    lr: float = 0.002
+    lr_steps: list[int] = field(default_factory=lambda: [60000, 80000])
+    warmup_steps: int = 5000
+    checkpoint_every: int = 5000
+    # --- data: COCO/LVIS instances; training keeps the base categories' boxes (novel boxes removed, their images
+    # kept; images left with no box stay as negatives and are counted).
+    annotations: str | None = None
+    images: str | None = None
+    val_annotations: str | None = None
+    val_images: str | None = None
+    min_sizes: list[int] = field(default_factory=lambda: [640, 672, 704, 736, 768, 800])
+    max_size: int = 1333
+    hflip: bool = True
+    # Training categories by name: a class spec as --classes takes (coco48, lvis866, a names file, "a,b,c"); null =
+    # the annotation file's base split (LVIS common + frequent, a 'split' field, or COCO's 48 by name).
+    train_classes: str | None = None
+    # An `rclip embed` file holding (at least) every training category; null = embed the names now with the model's
+    # own text tower (text.templates). The classifier weights are these rows, frozen.
+    train_embeddings: str | None = None
+    # Test-time vocabulary of the evaluations: an `rclip embed` file; null = the validation file's categories embedded
+    # with the model's text tower (base + novel: the original's separate test-time embedding file).
+    test_embeddings: str | None = None
+    # LVIS: repeat-factor sampling threshold (0.001 in the original); 0 = off.
+    repeat_factor_thresh: float = field(default=0.0, metadata=within(0, 1))
+    # --- proposals: the offline RPN (`rclip rpn train` / `rclip rpn convert`), frozen.
+    rpn: str | None = None
+    # Keep the RPN's best N proposals per image (by objectness) in training and in the evaluations; null = all it
+    # gives (its post_nms_topk_test, 1000 in the original).
+    rpn_topk: int | None = field(default=None, metadata=within(1, None))
+    # --- model
+    freeze_at: int = 2
+    frozen_bn: bool = True
+    temperature: float = field(default=0.01, metadata=within(1e-6, None))
+    # Train the background embedding (starts at zero) instead of keeping it frozen at zero as the original.
+    learn_background: bool = False
+    # --- losses (rclip_core.losses.fast_rcnn_losses); null = off
+    bg_weight: float | None = 0.2
+    focal_gamma: float | None = 0.5
+    smooth_l1_beta: float = 0.0
+    loss_box_reg: float = 1.0  # weight; 0 = no box regression loss
+    # --- RoI sampling
+    rois_per_image: int = field(default=512, metadata=within(1, None))
+    positive_fraction: float = field(default=0.25, metadata=within(0, 1))
+    fg_iou_thresh: float = field(default=0.5, metadata=within(0, 1))
+    append_gt: bool = True
+    # --- evaluation on val_annotations every N steps (and at the end); 0 = only at the end; eval_limit = first N.
+    eval_every: int = field(default=0, metadata=within(0, None))
+    eval_limit: int | None = field(default=None, metadata=within(1, None))
+
+
+@dataclass
 class Recipe:
     """All sections; each stage reads the ones it needs."""
 
@@ -318,6 +388,7 @@ class Recipe:
     text: TextCfg = field(default_factory=TextCfg)
     zeroshot: ZeroShotCfg = field(default_factory=ZeroShotCfg)
     pretrain: PretrainCfg = field(default_factory=PretrainCfg)
+    finetune: FinetuneCfg = field(default_factory=FinetuneCfg)
     toyworld: ToyWorldCfg = field(default_factory=ToyWorldCfg)
     rpn: RpnCfg = field(default_factory=RpnCfg)
     demo: DemoCfg = field(default_factory=DemoCfg)

@@ -142,7 +142,15 @@ def run_zeroshot(clip: nn.Module, embeddings: torch.Tensor, images: ImageSet, so
     zs.amp = resolve_amp(zs.amp, device, what="inference")
     if not getattr(clip, "rclip_folded", False):
         prepare_for_inference(clip, fold_bn=zs.fold_bn, channels_last=zs.channels_last)
-    detector = build_region_detector(clip, embeddings, recipe, build_proposal_generator(source, recipe))
+    parts = getattr(clip, "rclip_detector", None)  # a finetuned detector's box regressor and background
+    if parts is not None:
+        from rclip_core.finetune import build_detector
+
+        # GT boxes are named, never moved (the original forces NO_BOX_DELTA in GT mode).
+        detector = build_detector(clip, embeddings, recipe, build_proposal_generator(source, recipe), parts,
+                                  box_deltas=zs.box_deltas and source.kind != "gt")
+    else:
+        detector = build_region_detector(clip, embeddings, recipe, build_proposal_generator(source, recipe))
     dataset = DetectionDataset(images.records, images.image_dir, min_sizes=recipe.input.min_size,
                                max_size=recipe.input.max_size)
     return run_detection(detector, dataset, category_ids=images.category_ids, batch_size=zs.batch_size,

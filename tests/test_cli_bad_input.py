@@ -115,6 +115,12 @@ def cases(d):
                                     "folder not found"),
         "pretrain recipe without its inputs": (["pretrain", "demo_tiny_toyworld", "--out", d / "run"],
                                                "pretrain.captions is not set"),
+        "finetune recipe without its inputs": (["finetune", "finetune_tiny_toyworld", "--out", d / "run"],
+                                               "finetune.annotations is not set"),
+        "finetune held-out file missing": (["finetune", "finetune_tiny_toyworld", "--out", d / "run",
+                                            "--retain-check", d / "nope.json"], "--retain-check: "),
+        "finetune in a crashed run's folder": (["finetune", "finetune_tiny_toyworld", "--out", d / "crashed"],
+                                               "already holds a run"),
         **{f"annotation: {k}": ([*zs, "--gt-boxes", d / f"case_{i}.json", "--classes", "cat,dog"], frag)
            for i, (k, (_, frag)) in enumerate(ANNOTATION_CASES.items())},
     }
@@ -173,6 +179,7 @@ def test_existing_outputs_are_refused_before_torch_is_imported(tmp_path):
         ["embed", "--classes", "cat", "--out", e],
         ["eval", "--gt", f"{d}/ann.json", "--dets", e, "--out", e],
         ["pretrain", "pretrain_tiny_toyworld", "--out", f"{d}/run"],
+        ["finetune", "finetune_tiny_toyworld", "--out", f"{d}/run"],
         ["rpn", "train", "--annotations", f"{d}/ann.json", "--images", d, "--out", f"{d}/run"],
         ["rpn", "propose", "--images", d, "--rpn", e, "--out", e],
         ["rpn", "convert", e, "--out", e],

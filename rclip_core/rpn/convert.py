@@ -340,9 +340,12 @@ def convert_rpn_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *, re
 
 
 def read_rpn_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict]:
-    """(state dict, stored recipe dict) of an rclip RPN checkpoint (``rclip rpn train`` / ``rclip rpn convert``)."""
+    """(state dict, stored recipe dict) of an rclip RPN checkpoint (``rclip rpn train`` / ``rclip rpn convert``), or
+    of the offline RPN inside a detector checkpoint (``rclip finetune``; its ``detector.rpn`` entry)."""
     p = Path(path)
     obj: Any = read_torch_file(p, what="RPN checkpoint")
+    if isinstance(obj, dict) and isinstance(obj.get("detector"), dict) and isinstance(obj["detector"].get("rpn"), dict):
+        obj = obj["detector"]["rpn"]
     if not (isinstance(obj, dict) and isinstance(obj.get("model"), dict) and isinstance(obj.get("recipe"), dict)
             and isinstance(obj["recipe"].get("rpn"), dict)):
         hint = " (a detectron2 / RegionCLIP file? convert it with `rclip rpn convert`)" if isinstance(obj, dict) else ""

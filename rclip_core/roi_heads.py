@@ -1,0 +1,166 @@
+"""Training-time RoI selection and box coding of the finetuned detector (RegionCLIP §3.4 transfer; detectron2's
+``ROIHeads.label_and_sample_proposals``, regionclip_facts.md §2 "ROI sampling"), built from torchvision's detection
+parts: :class:`~torchvision.models.detection._utils.Matcher`,
+:class:`~torchvision.models.detection._utils.BalancedPositiveNegativeSampler` and
+:class:`~torchvision.models.detection._utils.BoxCoder`.
+
+Per image: the ground-truth boxes are appended to the proposals (so every image has foreground to learn from early
+on), each region is matched to the GT box it overlaps most (IoU ≥ 0.5: that box's class; below: background), and
+``batch_size_per_image`` regions are drawn with at most ``positive_fraction`` foreground. Box regression targets are
+the deltas from each region to its matched GT box, with detectron2's weights (10, 10, 5, 5).
+
+Shapes: P_i proposals of image i, G_i GT boxes, S_i sampled regions, S = Σ S_i, K classes (background = K).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torchvision.models.detection._utils import BalancedPositiveNegativeSampler, BoxCoder, Matcher
+from torchvision.ops import box_iou
+
+# detectron2's MODEL.ROI_BOX_HEAD.BBOX_REG_WEIGHTS, which the original's box predictor encodes deltas with.
+BOX_REG_WEIGHTS = (10.0, 10.0, 5.0, 5.0)
+
+
+def make_box_coder() -> BoxCoder:
+    """The box coder of the RoI head: detectron2's weights and its clamp of dw/dh at log(1000/16)."""
+    return BoxCoder(BOX_REG_WEIGHTS)
+
+
+@dataclass
+class SampledRegions:
+    """The regions the RoI head trains on, per image, and their targets.
+
+    Attributes:
+        boxes: B tensors (S_i, 4), ``xyxy`` in resized-image pixels.
+        gt_classes: B tensors (S_i,) int64 in 0..K (K = background).
+        regression_targets: B tensors (S_i, 4), deltas to the matched GT box (zeros for background rows).
+        num_foreground: foreground regions over the batch.
+    """
+
+    boxes: list[Tensor]
+    gt_classes: list[Tensor]
+    regression_targets: list[Tensor]
+    num_foreground: int
+
+
+class ProposalSampler:
+    """Match proposals to GT boxes and draw a balanced sample per image.
+
+    Args:
+        num_classes: K; background regions get label K.
+        iou_thresh: foreground at IoU ≥ this (detectron2's ROI_HEADS.IOU_THRESHOLDS [0.5]).
+        batch_size_per_image: regions drawn per image (512).
+        positive_fraction: at most this share of them foreground (0.25).
+        append_gt: add the GT boxes to the proposals first (detectron2's PROPOSAL_APPEND_GT).
+
+    Example:
+        >>> s = ProposalSampler(num_classes=2)
+        >>> out = s([torch.tensor([[0., 0., 10., 10.]])], [torch.tensor([[0., 0., 10., 10.]])], [torch.tensor([1])])
+        >>> out.gt_classes[0].tolist()  # the proposal and the appended GT box, both class 1
+        [1, 1]
+    """
+
+    def __init__(self, *, num_classes: int, iou_thresh: float = 0.5, batch_size_per_image: int = 512,
+                 positive_fraction: float = 0.25, append_gt: bool = True) -> None:
+        self.num_classes = num_classes
+        # One threshold, no "between" band and no low-quality matches: detectron2's RoI matcher.
+        self.matcher = Matcher(iou_thresh, iou_thresh, allow_low_quality_matches=False)
+        self.sampler = BalancedPositiveNegativeSampler(batch_size_per_image, positive_fraction)
+        self.box_coder = make_box_coder()
+        self.append_gt = append_gt
+
+    def _label(self, proposals: Tensor, gt_boxes: Tensor, gt_labels: Tensor) -> tuple[Tensor, Tensor]:
+        """(P,) labels in 0..K and (P, 4) matched GT boxes (the proposal itself for background)."""
+        if gt_boxes.shape[0] == 0:  # a negative image: everything is background
+            return torch.full((proposals.shape[0],), self.num_classes, dtype=torch.int64,
+                              device=proposals.device), proposals
+        matched = self.matcher(box_iou(gt_boxes, proposals))  # (P,): GT index, or -1 below the threshold
+        fg = matched >= 0
+        idx = matched.clamp(min=0)
+        labels = torch.where(fg, gt_labels[idx], torch.full_like(idx, self.num_classes))
+        return labels, torch.where(fg[:, None], gt_boxes[idx], proposals)
+
+    @torch.no_grad()
+    def __call__(self, proposals: list[Tensor], gt_boxes: list[Tensor], gt_labels: list[Tensor]) -> SampledRegions:
+        """Sample regions for B images.
+
+        Args:
+            proposals: B tensors (P_i, 4); never back-propagated through (they come from a frozen RPN).
+            gt_boxes: B tensors (G_i, 4).
+            gt_labels: B tensors (G_i,) int64 class indices in 0..K-1.
+        """
+        all_props, all_labels, all_matched = [], [], []
+        for props, gts, labs in zip(proposals, gt_boxes, gt_labels):
+            props = props.detach().float()
+            gts = gts.to(props.device, torch.float32)
+            labs = labs.to(props.device, torch.int64)
+            if self.append_gt:
+                props = torch.cat([props, gts])
+            labels, matched = self._label(props, gts, labs)
+            all_props.append(props)
+            all_labels.append(labels)
+            all_matched.append(matched)
+        # torchvision's sampler: 1 = foreground, 0 = background (its own convention, mapped here).
+        pos_masks, neg_masks = self.sampler([(lab < self.num_classes).to(torch.int64) for lab in all_labels])
+        boxes, classes, targets = [], [], []
+        num_fg = 0
+        for props, labels, matched, pos, neg in zip(all_props, all_labels, all_matched, pos_masks, neg_masks):
+            keep = (pos | neg).nonzero()[:, 0]
+            b, m = props[keep], matched[keep]
+            boxes.append(b)
+            classes.append(labels[keep])
+            num_fg += int((labels[keep] < self.num_classes).sum())
+            targets.append(self.box_coder.encode_single(m, b) if b.shape[0] else b.new_zeros((0, 4)))
+        return SampledRegions(boxes, classes, targets, num_fg)
+
+
+def decode_boxes(deltas: Tensor, boxes: Tensor, image_size: tuple[int, int]) -> Tensor:
+    """Apply class-agnostic deltas (R, 4) to boxes (R, 4) and clip to the image (h, w): the finetuned detector's
+    output boxes (the original's ``predict_boxes`` with NO_BOX_DELTA off)."""
+    if boxes.shape[0] == 0:
+        return boxes
+    out = make_box_coder().decode_single(deltas.float(), boxes.float())
+    h, w = image_size
+    return torch.stack([out[:, 0].clamp(0, w), out[:, 1].clamp(0, h), out[:, 2].clamp(0, w), out[:, 3].clamp(0, h)],
+                       dim=1)
+
+
+def soft_nms(boxes: Tensor, scores: Tensor, labels: Tensor, *, sigma: float = 0.5, prune: float = 0.001
+             ) -> tuple[Tensor, Tensor]:
+    """Gaussian soft-NMS per class (Bodla et al. 2017; the original's test scripts, ``batched_soft_nms`` with
+    method gaussian, σ 0.5, prune 0.001): repeatedly take the best remaining box of a class, decay the others of
+    that class by exp(−IoU²/σ), drop those below ``prune``.
+
+    Args:
+        boxes: (N, 4); scores: (N,); labels: (N,) class of each row.
+
+    Returns:
+        (indices into the inputs, their decayed scores), sorted by decayed score (highest first).
+    """
+    import numpy as np
+
+    keep_idx: list[int] = []
+    keep_scores: list[float] = []
+    for c in labels.unique():
+        rows = (labels == c).nonzero()[:, 0]
+        # NumPy for the sequential loop: one small-array step per kept box, where torch's per-call overhead would
+        # dominate (the loop is the original's, inherently serial).
+        iou = box_iou(boxes[rows], boxes[rows]).cpu().double().numpy()  # (n, n), computed once per class
+        s = scores[rows].detach().cpu().double().numpy()
+        rows_np = rows.cpu().numpy()
+        alive = np.ones(s.shape[0], dtype=bool)
+        while alive.any():
+            top = int(np.where(alive, s, -1.0).argmax())
+            keep_idx.append(int(rows_np[top]))
+            keep_scores.append(float(s[top]))
+            alive[top] = False
+            s = np.where(alive, s * np.exp(-iou[top] ** 2 / sigma), s)
+            alive &= s > prune
+    idx = torch.tensor(keep_idx, dtype=torch.int64, device=boxes.device)
+    sc = torch.tensor(keep_scores, dtype=scores.dtype, device=scores.device)
+    order = sc.argsort(descending=True, stable=True)
+    return idx[order], sc[order]
