@@ -237,9 +237,9 @@ class RpnCfg:
     iou_thresholds: list[float] = field(default_factory=lambda: [0.3, 0.7])
     batch_size_per_image: int = 256
     positive_fraction: float = 0.5
-    # Images per forward pass and loader workers when proposing.
+    # Images per forward pass and loader workers when proposing (null = one per spare core, at most 4).
     batch_size: int = 1
-    num_workers: int = 0
+    num_workers: int | None = field(default=None, metadata=within(0, None))
     train: RpnTrainCfg = field(default_factory=RpnTrainCfg)
 
 
