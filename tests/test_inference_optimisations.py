@@ -35,11 +35,18 @@ def randomise_norms(clip: nn.Module, seed: int = 0) -> nn.Module:
     return clip.eval()
 
 
-def detector(clip: nn.Module, variant: str, embeddings: torch.Tensor, *, chunk: int | None, temperature: float):
+def detector(clip: nn.Module, variant: str, embeddings: torch.Tensor, *, chunk: int | None, temperature: float,
+             full_attention: bool = False):
     recipe = load_recipe(None, [f"model.variant={variant}", f"zeroshot.temperature={temperature}"])
     det = build_region_detector(clip, embeddings, recipe, GivenBoxes("boxes")).eval()
     det.roi_heads.head.chunk = chunk
+    det.roi_heads.head.full_attention = full_attention
     return det
+
+
+def plain_detector(clip: nn.Module, variant: str, embeddings: torch.Tensor, *, temperature: float):
+    """The plain path: unfolded, contiguous, all regions at once, open_clip's own attention pool."""
+    return detector(clip, variant, embeddings, chunk=None, temperature=temperature, full_attention=True)
 
 
 def batch_of(sizes: list[tuple[int, int]], n_boxes: int, seed: int = 0) -> list[dict]:
@@ -76,12 +83,14 @@ def compare(feats, probs, ref_feats, ref_probs) -> None:
     assert float((probs - ref_probs).abs().max()) < TOL, "probabilities differ"
 
 
+_OFF = dict(fold_bn=False, channels_last=False, chunk=None, inference_mode=False, full_attention=True)
 OPTIMISATIONS = {
-    "fold": dict(fold_bn=True, channels_last=False, chunk=None, inference_mode=False),
-    "channels_last": dict(fold_bn=False, channels_last=True, chunk=None, inference_mode=False),
-    "chunk": dict(fold_bn=False, channels_last=False, chunk=5, inference_mode=False),
-    "inference_mode": dict(fold_bn=False, channels_last=False, chunk=None, inference_mode=True),
-    "all": dict(fold_bn=True, channels_last=True, chunk=5, inference_mode=True),
+    "fold": {**_OFF, "fold_bn": True},
+    "channels_last": {**_OFF, "channels_last": True},
+    "chunk": {**_OFF, "chunk": 5},
+    "inference_mode": {**_OFF, "inference_mode": True},
+    "first_token_attention": {**_OFF, "full_attention": False},
+    "all": dict(fold_bn=True, channels_last=True, chunk=5, inference_mode=True, full_attention=False),
 }
 
 
@@ -91,7 +100,7 @@ def tiny_setup():
     clip = randomise_norms(create_clip("tiny", log_random_init=False))
     # Class embeddings near some regions' own features, and τ = 1, so the probabilities are spread out (a saturated
     # softmax would hide differences); τ = 0.01 (the default) is checked too.
-    det = detector(clip, "tiny", torch.randn(6, 32), chunk=None, temperature=1.0)
+    det = plain_detector(clip, "tiny", torch.randn(6, 32), temperature=1.0)
     batch = batch_of([(128, 160), (96, 128)], n_boxes=7)
     with torch.no_grad():
         feats = det(batch).region_features
@@ -104,15 +113,16 @@ def tiny_setup():
 @pytest.mark.parametrize("name", list(OPTIMISATIONS))
 def test_each_optimisation_keeps_the_plain_paths_probabilities(tiny_setup, name, temperature):
     clip, emb, batch = tiny_setup
-    ref_feats, ref_probs = plain_outputs(detector(copy.deepcopy(clip), "tiny", emb, chunk=None,
-                                                  temperature=temperature), batch)
+    ref_feats, ref_probs = plain_outputs(plain_detector(copy.deepcopy(clip), "tiny", emb, temperature=temperature),
+                                         batch)
     opt = OPTIMISATIONS[name]
     fast = prepare_for_inference(copy.deepcopy(clip), fold_bn=opt["fold_bn"], channels_last=opt["channels_last"])
     if opt["fold_bn"]:
         assert not any(isinstance(m, nn.BatchNorm2d) for m in fast.visual.modules())  # really folded
     if opt["channels_last"]:
         assert fast.visual.conv1.weight.is_contiguous(memory_format=torch.channels_last)
-    det = detector(fast, "tiny", emb, chunk=opt["chunk"], temperature=temperature)
+    det = detector(fast, "tiny", emb, chunk=opt["chunk"], temperature=temperature,
+                   full_attention=opt["full_attention"])
     feats, probs = outputs(det, batch, inference_mode=opt["inference_mode"])
     compare(feats, probs, ref_feats, ref_probs)
     if temperature == 1.0:  # the comparison has power: the probabilities are not one-hot
@@ -124,7 +134,7 @@ def test_detect_runs_without_autograd_and_matches_the_plain_detections(tiny_setu
     from rclip_core.detector import fuse_scores, postprocess
 
     clip, emb, batch = tiny_setup
-    plain = detector(copy.deepcopy(clip), "tiny", emb, chunk=None, temperature=1.0)
+    plain = plain_detector(copy.deepcopy(clip), "tiny", emb, temperature=1.0)
     out = plain(batch)
     fast = detector(prepare_for_inference(copy.deepcopy(clip)), "tiny", emb, chunk=5, temperature=1.0)
     dets = fast.detect(batch)
@@ -154,12 +164,35 @@ def test_rn50_at_real_size_keeps_the_plain_paths_probabilities():
     torch.manual_seed(0)
     clip = randomise_norms(create_clip("RN50", log_random_init=False))
     batch = batch_of([(480, 640)], n_boxes=40)
-    plain = detector(copy.deepcopy(clip), "RN50", torch.randn(4, 1024), chunk=None, temperature=0.01)
+    plain = plain_detector(copy.deepcopy(clip), "RN50", torch.randn(4, 1024), temperature=0.01)
     with torch.no_grad():
         feats = plain(batch).region_features
     emb = torch.cat([feats[:3], torch.randn(1, 1024)])
     emb = emb / emb.norm(dim=1, keepdim=True)
-    plain = detector(clip, "RN50", emb, chunk=None, temperature=0.01)
+    plain = plain_detector(clip, "RN50", emb, temperature=0.01)
     ref = plain_outputs(plain, batch)
     fast = detector(prepare_for_inference(copy.deepcopy(clip)), "RN50", emb, chunk=16, temperature=0.01)
     compare(*outputs(fast, batch, inference_mode=True), *ref)
+
+
+def test_first_token_attention_pool_equals_open_clips_forward_and_gradients(tiny_setup):
+    """:func:`attention_pool` (the mean token's query alone) is open_clip's ``AttentionPool2d`` forward: same
+    outputs and same gradients (the student trains through it)."""
+    from rclip_core.clip_backbone import attention_pool
+
+    clip, _, _ = tiny_setup
+    pool = copy.deepcopy(clip.visual.attnpool)
+    x = torch.randn(5, pool.k_proj.in_features, 4, 4, requires_grad=True)
+    ref = pool(x)
+    ref.square().sum().backward()
+    ref_grads = [x.grad.clone()] + [p.grad.clone() for p in pool.parameters()]
+    x.grad = None
+    pool.zero_grad()
+    ours = attention_pool(pool, x)
+    ours.square().sum().backward()
+    assert torch.allclose(ours, ref, atol=1e-5, rtol=1e-5)
+    # k_proj.bias gets no gradient here: its term is the same for every key and cancels in the softmax (open_clip's
+    # gradient for it is zero to rounding).
+    grads = [x.grad] + [p.grad if p.grad is not None else torch.zeros_like(p) for p in pool.parameters()]
+    for a, b in zip(grads, ref_grads):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
