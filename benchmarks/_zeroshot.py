@@ -12,7 +12,7 @@ plain = the same modules and the same steps with none of that, kept here as the 
 
 Reported, best of interleaved repeats:
 - ``*_cmd``: the whole command, start-up included (interpreter, imports, model build, weights, embeddings, every
-  image, the JSON written), each run in a fresh subprocess; its peak resident memory (``wait4``'s ``ru_maxrss``)
+  image, the JSON written), each run in a fresh subprocess; its peak resident memory (VmHWM, read by ``_peak.py``)
   beside it;
 - ``*_forward``: the forward alone (normalise → res4 → regions → probabilities → NMS) on images decoded and resized
   beforehand, both detectors in this process;
@@ -179,18 +179,17 @@ def ours_command(root: Path, variant: str, regions: str, out: Path) -> list[str]
             "--embeddings", str(emb), "--weights", str(weights), "--out", str(out), "--force"]
 
 
-def timed_subprocess(cmd: list[str]) -> tuple[float, float]:
-    """(wall seconds, peak resident MiB) of one fresh process."""
+def timed_subprocess(cmd: list[str], peak_file: Path) -> tuple[float, float]:
+    """(wall seconds, peak resident MiB) of one fresh process running ``cmd`` (``[python, ...]``), its peak read
+    by ``_peak.py`` from its own address space."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    cmd = [cmd[0], str(Path(__file__).parent / "_peak.py"), str(peak_file), *cmd[1:]]
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=REPO)
-    _, status, usage = os.wait4(proc.pid, 0)
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=REPO)
     seconds = time.perf_counter() - start
-    output = proc.stdout.read().decode(errors="replace")
-    proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
-        raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}\n{output}")
-    return seconds, usage.ru_maxrss / 1024
+        raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stdout.decode(errors='replace')}")
+    return seconds, float(peak_file.read_text())
 
 
 def max_score_diff(a: Path, b: Path) -> float:
@@ -276,9 +275,9 @@ def main(regions: str, default_boxes: int) -> None:
             t_ours = t_plain = float("inf")
             m_ours = m_plain = 0.0
             for _ in range(repeats):
-                s, m = timed_subprocess(plain_cmd)
+                s, m = timed_subprocess(plain_cmd, root / "peak.txt")
                 t_plain, m_plain = min(t_plain, s), max(m_plain, m)
-                s, m = timed_subprocess(ours_cmd)
+                s, m = timed_subprocess(ours_cmd, root / "peak.txt")
                 t_ours, m_ours = min(t_ours, s), max(m_ours, m)
             dscore = max_score_diff(root / "ours.json", root / "plain.json")
             print(bench_line(f"{name}_cmd", n_images / t_ours, n_images / t_plain, "img/s", baseline="plain")
