@@ -246,6 +246,9 @@ def resolve_amp(amp: str, device: torch.device | str, *, what: str = "training")
     if amp == "bf16" and device.type == "cpu" and not cpu_has_bf16():
         log.warning("amp bf16: this CPU has no native bfloat16 (AVX512-BF16 / AMX): %s in fp32", what)
         return "off"
+    if amp == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        log.warning("amp bf16: this GPU has no bfloat16 support: %s in fp32 on %s", what, device)
+        return "off"
     return amp
 
 

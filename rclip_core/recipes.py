@@ -353,6 +353,8 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
                 errors.append(str(e))
         raise RclipError(f"recipe key '{path}' expects {_type_name(tp)}, got {value!r}")
     if origin is Literal:
+        if isinstance(value, bool) and ("on" if value else "off") in typing.get_args(tp):
+            value = "on" if value else "off"  # YAML 1.1 reads a bare off / on as a boolean (`--set zeroshot.amp=off`)
         if value not in typing.get_args(tp):
             raise RclipError(f"recipe key '{path}' must be one of {list(typing.get_args(tp))}, got {value!r}")
         return value
