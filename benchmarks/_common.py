@@ -13,9 +13,11 @@ def machine() -> str:
            f"{torch.get_num_threads()} threads"
 
 
-def bench_line(name: str, ours: float, bare: float, unit: str) -> str:
-    """``BENCH name  ours=X unit  bare=Y unit  ratio=ours/bare  (machine)`` — the form design.md §7 fixes."""
-    return f"BENCH {name}  ours={ours:.3f} {unit}  bare={bare:.3f} {unit}  ratio={ours / bare:.2f}  ({machine()})"
+def bench_line(name: str, ours: float, bare: float, unit: str, *, baseline: str = "bare") -> str:
+    """``BENCH name  ours=X unit  bare=Y unit  ratio=ours/bare  (machine)`` — the form design.md §7 fixes;
+    ``baseline`` names the reference (``plain`` where it is the unoptimised eager path rather than a bare loop)."""
+    return (f"BENCH {name}  ours={ours:.3f} {unit}  {baseline}={bare:.3f} {unit}  ratio={ours / bare:.2f}  "
+            f"({machine()})")
 
 
 def peak_rss_mib() -> float:

@@ -117,8 +117,10 @@ def cli(ctx: click.Context, log_level: str, device: str | None) -> None:
     Run `rclip demo` for the whole chain on a generated toy world.
     """
     from rclip_cli.common import setup_logging
+    from rclip_core.runtime import configure_threads
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    configure_threads()  # thread pools sized from the cores this process may use, before torch starts them
     # Library warnings (torch's deprecations, open_clip's notices) are for developers, not for a user's terminal.
     warnings.filterwarnings("ignore", module=r"(torch|torchvision|open_clip|timm|huggingface_hub)(\.|$)")
     warnings.filterwarnings("ignore", category=UserWarning)

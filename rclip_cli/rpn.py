@@ -113,6 +113,7 @@ def propose(image_dir: Path, annotations: Path | None, checkpoint: Path, out: Pa
     from rclip_core.recipes import load_recipe
     from rclip_core.rpn.convert import load_rpn_state, read_rpn_checkpoint
     from rclip_core.rpn.proposals import run_proposals
+    from rclip_core.runtime import num_workers
 
     if annotations is not None:
         records = load_detection_annotations(annotations)[0]
@@ -126,8 +127,8 @@ def propose(image_dir: Path, annotations: Path | None, checkpoint: Path, out: Pa
     with make_progress() as progress:
         task = progress.add_task("proposals", total=len(dataset), rate="")
         results, summary = run_proposals(model, dataset, batch_size=recipe.rpn.batch_size,
-                                         num_workers=recipe.rpn.num_workers, device=get_device(), strict=strict,
-                                         with_file_names=annotations is None,
+                                         num_workers=num_workers(recipe.rpn.num_workers), device=get_device(),
+                                         strict=strict, with_file_names=annotations is None,
                                          progress=progress_callback(progress, task, "img"))
     write_json(out, results, force=force, indent=None)
     save_outputs_recipe(recipe, out)

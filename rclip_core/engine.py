@@ -126,15 +126,11 @@ class StepSampler:
 
 
 def default_num_workers(requested: int | None) -> int:
-    """``requested``, or one worker per available core beyond the first (at most 4): a busy 2-core machine should
-    not run four decoders beside the training process."""
-    if requested is not None:
-        return max(0, requested)
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
-    return max(0, min(4, cores - 1))
+    """``requested``, or one worker per available core beyond the first (:func:`rclip_core.runtime.num_workers`,
+    the one home of this rule; kept here under its old name)."""
+    from rclip_core.runtime import num_workers
+
+    return num_workers(requested)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -250,6 +246,9 @@ def resolve_amp(amp: str, device: torch.device | str, *, what: str = "training")
     if amp == "bf16" and device.type == "cpu" and not cpu_has_bf16():
         log.warning("amp bf16: this CPU has no native bfloat16 (AVX512-BF16 / AMX): %s in fp32", what)
         return "off"
+    if amp == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        log.warning("amp bf16: this GPU has no bfloat16 support: %s in fp32 on %s", what, device)
+        return "off"
     return amp
 
 
@@ -346,6 +345,9 @@ def train(model: nn.Module, compute_losses: ComputeLosses, dataset: Dataset, cfg
     metrics_path = out / METRICS_NAME if out is not None else None
     save_module = checkpoint_module if checkpoint_module is not None else model
     amp = resolve_amp(cfg.amp, dev)
+    from rclip_core.runtime import configure_threads
+
+    configure_threads()  # torch's pool no larger than the cores this process may use
 
     model.to(dev)
     D.sync_batch_norm(model, dev)

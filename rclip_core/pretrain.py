@@ -182,8 +182,10 @@ class PretrainModel(nn.Module):
             is_region = torch.ones(feats.shape[0], dtype=torch.bool, device=dev)
             is_region[firsts] = False
             student_regions = feats[is_region]  # (R, D)
-            with torch.no_grad():
+            with torch.inference_mode():
                 teacher_regions = self.teacher(images.tensors, [r.to(dev) for r in regions])  # (R, D)
+            # An ordinary tensor again: the distillation target derived from it is saved for the backward pass.
+            teacher_regions = teacher_regions.clone()
         captions = [str(item["caption"]) for item in batch]
         tokens = self.text.tokenizer(captions).to(dev)
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.cfg.train_text):
@@ -296,7 +298,7 @@ def build_stage(recipe: Recipe, *, device: str | torch.device = "cpu", cache_pro
     """The model and dataset of a pretraining recipe (inputs checked first)."""
     import open_clip
 
-    from rclip_core.clip_backbone import build_region_encoder, create_clip
+    from rclip_core.clip_backbone import create_clip
     from rclip_core.data.captions import CaptionDataset, open_captions
     from rclip_core.text_embed import load_embeddings
 
@@ -314,7 +316,7 @@ def build_stage(recipe: Recipe, *, device: str | torch.device = "cpu", cache_pro
     teacher = concepts = rpn = cache = None
     if cfg.concepts is not None:
         teacher_clip = create_clip(variant, cfg.teacher if cfg.teacher is not None else recipe.model.weights)
-        teacher = build_region_encoder(teacher_clip, variant, recipe.model.pooler_resolution)
+        teacher = build_teacher(teacher_clip, variant, recipe.model.pooler_resolution)
         text = TextEncoder(teacher_clip)
         concepts = load_embeddings(cfg.concepts, dim=teacher.out_dim, fingerprint=text.fingerprint()).embeddings
         if concepts.shape[0] < 2:
@@ -338,6 +340,16 @@ def build_stage(recipe: Recipe, *, device: str | torch.device = "cpu", cache_pro
     dataset = CaptionDataset(source, min_sizes=cfg.min_sizes, max_size=cfg.max_size, proposals=cache,
                              cache_images=cfg.cache_images)
     return model, dataset
+
+
+def build_teacher(clip: nn.Module, variant: str, pooler_resolution: int | None = None) -> CLIPRegionEncoder:
+    """The frozen teacher's region encoder over ``clip.visual``, prepared for inference as ``rclip zeroshot`` is
+    (batch norms folded into the convolutions, channels-last; the same pseudo labels to float rounding, tested): it
+    never trains and is never saved. Its text tower is untouched (the concept pool's fingerprint is read from it)."""
+    from rclip_core.clip_backbone import build_region_encoder, prepare_for_inference
+
+    prepare_for_inference(clip)
+    return build_region_encoder(clip, variant, pooler_resolution).requires_grad_(False).eval()
 
 
 def load_pretrain_rpn(cfg: PretrainCfg) -> nn.Module:

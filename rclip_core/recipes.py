@@ -244,9 +244,9 @@ class RpnCfg:
     iou_thresholds: list[float] = field(default_factory=lambda: [0.3, 0.7])
     batch_size_per_image: int = 256
     positive_fraction: float = 0.5
-    # Images per forward pass and loader workers when proposing.
+    # Images per forward pass and loader workers when proposing (null = one per spare core, at most 4).
     batch_size: int = 1
-    num_workers: int = 0
+    num_workers: int | None = field(default=None, metadata=within(0, None))
     train: RpnTrainCfg = field(default_factory=RpnTrainCfg)
 
 
@@ -424,6 +424,8 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
                 errors.append(str(e))
         raise RclipError(f"recipe key '{path}' expects {_type_name(tp)}, got {value!r}")
     if origin is Literal:
+        if isinstance(value, bool) and ("on" if value else "off") in typing.get_args(tp):
+            value = "on" if value else "off"  # YAML 1.1 reads a bare off / on as a boolean (`--set zeroshot.amp=off`)
         if value not in typing.get_args(tp):
             raise RclipError(f"recipe key '{path}' must be one of {list(typing.get_args(tp))}, got {value!r}")
         return value

@@ -135,8 +135,9 @@ def run_zeroshot(clip: nn.Module, embeddings: torch.Tensor, images: ImageSet, so
     """
     from rclip_core.clip_backbone import prepare_for_inference
     from rclip_core.detector import build_region_detector
-    from rclip_core.engine import default_num_workers, resolve_amp
+    from rclip_core.engine import resolve_amp
     from rclip_core.inference import run_detection
+    from rclip_core.runtime import num_workers
 
     zs = recipe.zeroshot
     zs.amp = resolve_amp(zs.amp, device, what="inference")
@@ -154,5 +155,5 @@ def run_zeroshot(clip: nn.Module, embeddings: torch.Tensor, images: ImageSet, so
     dataset = DetectionDataset(images.records, images.image_dir, min_sizes=recipe.input.min_size,
                                max_size=recipe.input.max_size)
     return run_detection(detector, dataset, category_ids=images.category_ids, batch_size=zs.batch_size,
-                         num_workers=default_num_workers(zs.num_workers), device=device, strict=strict,
+                         num_workers=num_workers(zs.num_workers), device=device, strict=strict,
                          progress=progress)
