@@ -81,6 +81,30 @@ def recipe_options(fn: Callable) -> Callable:
     return wrapper
 
 
+def training_run_options(out_help: str, section: str) -> Callable[[Callable], Callable]:
+    """``RECIPE``, ``--out``, ``--resume``, ``--force`` and ``--set`` of a training command (``rclip pretrain``,
+    ``rclip finetune``): the run folder's contract, the same in each (``section`` names its recipe section in the
+    ``--set`` example)."""
+
+    def decorate(fn: Callable) -> Callable:
+        options = [
+            click.argument("recipe_path", metavar="RECIPE"),
+            click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help=out_help),
+            click.option("--resume", is_flag=True,
+                         help="Continue OUT/checkpoint.pt (the recipe must match the checkpoint's)."),
+            click.option("--force", is_flag=True,
+                         help="Start over in an OUT holding a run (replaces only its checkpoint, metrics and recipe), "
+                              "or resume with a changed recipe."),
+            click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+                         help=f"Override a recipe value, e.g. --set {section}.steps=1000 (repeatable)."),
+        ]
+        for option in reversed(options):  # click lists options in decorator order, top first
+            fn = option(fn)
+        return fn
+
+    return decorate
+
+
 def force_option(fn: Callable) -> Callable:
     return click.option("--force", is_flag=True, help="Overwrite existing outputs.")(fn)
 

@@ -6,19 +6,12 @@ from pathlib import Path
 
 import click
 
-from rclip_cli.common import TrainingProgress, console, device_option, get_device
+from rclip_cli.common import TrainingProgress, console, device_option, get_device, training_run_options
 
 
 @click.command()
-@click.argument("recipe_path", metavar="RECIPE")
-@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Run folder: checkpoint.pt (a detector checkpoint), metrics.jsonl, recipe.yaml, eval_step*.json.")
-@click.option("--resume", is_flag=True, help="Continue OUT/checkpoint.pt (the recipe must match the checkpoint's).")
-@click.option("--force", is_flag=True,
-              help="Start over in an OUT holding a run (replaces only its checkpoint, metrics and recipe), or resume "
-                   "with a changed recipe.")
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
-              help="Override a recipe value, e.g. --set finetune.steps=1000 (repeatable).")
+@training_run_options("Run folder: checkpoint.pt (a detector checkpoint), metrics.jsonl, recipe.yaml, "
+                      "eval_step*.json.", "finetune")
 @click.option("--retain-check", type=click.Path(dir_okay=False, path_type=Path), default=None, metavar="ANN",
               help="Forgetting check: GT-box zero-shot accuracy of ANN's categories (held out of training; images in "
                    "finetune.val_images) before finetuning and at every evaluation.")
