@@ -237,8 +237,8 @@ class RegionDetector(nn.Module):
 
     def __init__(self, transform: ImageNormalizer, backbone: CLIPTrunk, proposal_generator: nn.Module,
                  roi_heads: RegionHeads, *, score_fusion: ScoreFusion, score_thresh: float, nms_thresh: float,
-                 max_dets: int, amp: str = "off", nms: NmsKind = "hard", soft_nms_sigma: float = 0.5,
-                 soft_nms_prune: float = 0.001, box_deltas: bool = False) -> None:
+                 max_dets: int, nms: NmsKind, soft_nms_sigma: float, soft_nms_prune: float, amp: str = "off",
+                 box_deltas: bool = False) -> None:
         super().__init__()
         self.nms, self.soft_nms_sigma, self.soft_nms_prune = nms, soft_nms_sigma, soft_nms_prune
         self.box_deltas = box_deltas
@@ -332,4 +332,5 @@ def build_region_detector(clip: nn.Module, class_embeddings: Tensor, recipe, pro
     return RegionDetector(clip_normalizer(recipe.input.pixel_mean, recipe.input.pixel_std), CLIPTrunk(visual),
                           proposal_generator, RegionHeads(head, classifier), score_fusion=zs.score_fusion,
                           score_thresh=zs.score_thresh, nms_thresh=zs.nms_thresh, max_dets=zs.max_dets,
+                          nms=zs.nms, soft_nms_sigma=zs.soft_nms_sigma, soft_nms_prune=zs.soft_nms_prune,
                           amp=zs.amp)

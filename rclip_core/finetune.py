@@ -400,7 +400,8 @@ class RetainCheck:
                 clip_normalizer(recipe.input.pixel_mean, recipe.input.pixel_std), CLIPTrunk(visual),
                 GivenBoxes("boxes"), RegionHeads(head, CosineClassifier(self.embeddings, temperature=zs.temperature,
                                                                          background=zs.background)),
-                score_fusion="none", score_thresh=zs.score_thresh, nms_thresh=zs.nms_thresh, max_dets=zs.max_dets)
+                score_fusion="none", score_thresh=zs.score_thresh, nms_thresh=zs.nms_thresh, max_dets=zs.max_dets,
+                nms="hard", soft_nms_sigma=zs.soft_nms_sigma, soft_nms_prune=zs.soft_nms_prune)
             dataset = DetectionDataset(records, self.images, min_sizes=recipe.input.min_size,
                                        max_size=recipe.input.max_size)
             results, _ = run_detection(detector, dataset, category_ids=self.category_ids, device=device)

@@ -83,3 +83,15 @@ def test_given_proposals_keep_the_top_objectness_and_fuse_it(tiny_clip):
     p = plain.detect([{"image": image, "boxes": boxes[1:]}])[0]
     assert torch.allclose(out["scores"].sort().values, torch.sqrt(p["scores"] * torch.sigmoid(torch.tensor(2.0))
                                                                   ).sort().values, atol=1e-6)
+
+
+def test_zero_shot_detector_takes_the_recipes_nms(tiny_clip):
+    """`--set zeroshot.nms=soft` reaches the zero-shot path: two overlapping boxes of one class both survive gaussian
+    soft-NMS (the second with a decayed score) where hard NMS keeps one."""
+    text = torch.randn(1, 32)  # one class: every box is named the same
+    image = torch.full((3, 96, 96), 90, dtype=torch.uint8)
+    batch = [{"image": image, "boxes": torch.tensor([[0.0, 0.0, 60.0, 60.0], [2.0, 2.0, 62.0, 62.0]])}]
+    hard = _detector(tiny_clip, text, score_thresh=0.0).detect(batch)[0]
+    soft = _detector(tiny_clip, text, score_thresh=0.0, nms="soft").detect(batch)[0]
+    assert len(hard["scores"]) == 1 and len(soft["scores"]) == 2
+    assert soft["scores"][1] < soft["scores"][0] and torch.isclose(soft["scores"][0], hard["scores"][0])
