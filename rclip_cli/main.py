@@ -15,20 +15,9 @@ import warnings
 import click
 
 from rclip_core.errors import RclipError
+from rclip_core.runtime import set_thread_waiting_default
 
-
-def set_thread_waiting_default(environ: dict = os.environ) -> None:
-    """Make torch's OpenMP threads sleep, not spin, while they wait for work (``OMP_WAIT_POLICY=PASSIVE``) unless the
-    user chose a policy. Read once when torch loads, so this runs at import, before any command imports torch.
-
-    Why: on a machine busy with other work, spinning threads burn the share of CPU the command gets. Measured on
-    2 cores at load average 8 (``benchmarks/under_load.py``): a tiny CLIP training step took 6.6-7.6 s with 2
-    spinning threads, 2.3-2.6 s with 1 thread and 1.2 s with 2 passive threads. Results are unchanged (same
-    threads, same work split)."""
-    environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-
-set_thread_waiting_default()
+set_thread_waiting_default()  # before any command imports torch
 
 # name -> "module:attribute". One explicit table; no registration magic.
 COMMANDS: dict[str, str] = {

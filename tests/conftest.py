@@ -8,7 +8,7 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from rclip_cli.main import set_thread_waiting_default  # noqa: E402
+from rclip_core.runtime import set_thread_waiting_default  # noqa: E402
 
 set_thread_waiting_default()  # as the command line does, before anything imports torch
 
