@@ -14,6 +14,11 @@ AP50 on the held-out scenes, base and novel shapes apart, of
 
 Prints one ``RESULT`` line per (seed, model) and a mean ± spread table (the spread covers the finetuning's
 randomness; the pretraining chain is the demo's one run). A few minutes per seed on 2 CPU cores.
+
+``--curve N`` also evaluates every N steps during finetuning (AP50 base / novel on the held-out scenes, the engine's
+``eval_stepN.json``) and prints, per evaluation, how many of the sampled training regions the classifier got right
+since the last one, foreground and background apart (``count_*_right`` in ``metrics.jsonl``): where the detector
+trades one for the other.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ def main() -> None:
     ap.add_argument("--init", type=Path, default=None,
                     help="the pretrained encoder to finetune and to run zero-shot (default: DEMO/student)")
     ap.add_argument("--set", dest="overrides", nargs="*", default=[], help="finetune recipe overrides")
+    ap.add_argument("--curve", type=int, default=0, metavar="N", help="evaluate every N finetuning steps")
     args = ap.parse_args()
     world = existing_world(args.demo)
     student = args.init or args.demo / "student" / "checkpoint.pt"
@@ -50,7 +56,12 @@ def main() -> None:
     for seed in args.seeds:
         det = args.out / f"seed{seed}" / "checkpoint.pt"
         if not det.exists():
-            train_toy_detector(world, det.parent, student=student, rpn=rpn, seed=seed, overrides=args.overrides)
+            curve = [f"finetune.eval_every={args.curve}", f"finetune.val_annotations={world.val.instances_json}",
+                     f"finetune.val_images={world.val.images_dir}"] if args.curve else []
+            train_toy_detector(world, det.parent, student=student, rpn=rpn, seed=seed,
+                               overrides=[*args.overrides, *curve])
+        if args.curve:
+            print_curve(det.parent)
         for name, kw in (("finetuned", {}), ("random_novel", {"random_novel_seed": seed})):
             r = detect_shapes(det, world, rpn=rpn, recipe_name="finetune_tiny_toyworld", **kw)
             rows.setdefault(name, []).append(r)
@@ -66,6 +77,28 @@ def main() -> None:
         print(f"{name:<14} {cells[0]:>16} {cells[1]:>16} {cells[2]:>16}   ({len(rs)})")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(rows, indent=1))
+
+
+def print_curve(run: Path) -> None:
+    """Per evaluation of a ``--curve`` run: AP50 base / novel and the sampled regions' accuracy since the last."""
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    print(f"{'step':>6} {'AP50 base':>10} {'AP50 novel':>11} {'fg right %':>11} {'bg right %':>11}")
+    last = 0
+    for path in sorted(run.glob("eval_step*.json")):
+        ev = json.loads(path.read_text())
+        step, splits = ev["step"], ev["splits"]
+        window = [r for r in rows if last < r["step"] <= step]
+        last = step
+
+        pct = {kind: _percent_right(window, kind) for kind in ("foreground", "background")}
+        nan = float("nan")
+        print(f"{step:>6} {splits.get('AP50_base', nan):>10.1f} {splits.get('AP50_novel', nan):>11.1f}"
+              f" {pct['foreground']:>11.1f} {pct['background']:>11.1f}", flush=True)
+
+
+def _percent_right(rows: list[dict], kind: str) -> float:
+    n = sum(r[f"count_{kind}_regions"] for r in rows)
+    return 100.0 * sum(r[f"count_{kind}_right"] for r in rows) / n if n else float("nan")
 
 
 if __name__ == "__main__":

@@ -42,11 +42,15 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--out", type=Path, default=Path("runs/toyworld_pretraining"))
+    ap.add_argument("--student-set", nargs="*", default=[],
+                    help="extra pretrain recipe overrides for every student (e.g. pretrain.concept_thresh=0.5)")
+    ap.add_argument("--teacher-set", nargs="*", default=[], help="extra overrides of the teacher's recipe")
     args = ap.parse_args()
     bar = lambda description, total: contextlib.nullcontext(None)  # noqa: E731
     rows: dict[str, list[dict]] = {}
     for seed in args.seeds:
         recipe = load_recipe("demo_tiny_toyworld", [f"toyworld.seed={seed}"])
+        recipe.demo.teacher_set = [*recipe.demo.teacher_set, *args.teacher_set]
         out = args.out / f"seed{seed}"
         world = make_world(recipe, out, force=True)
         teacher = out / "teacher" / "checkpoint.pt"
@@ -64,7 +68,7 @@ def main() -> None:
             ckpt = out / f"student_{v}" / "checkpoint.pt"
             if not ckpt.exists():
                 train_student(recipe, world, out / f"student_{v}", teacher=teacher, concepts=concepts, rpn=rpn,
-                              device="cpu", bar=bar, overrides=VARIANTS[v])
+                              device="cpu", bar=bar, overrides=[*VARIANTS[v], *args.student_set])
             models[f"student_{v}"] = ckpt
         for name, ckpt in models.items():
             _, s = evaluate_model(ckpt, recipe, world, out / f"dets_{name}.json", device="cpu")

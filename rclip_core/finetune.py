@@ -146,9 +146,29 @@ def compute_losses(model: nn.Module, batch: list[dict]) -> dict[str, Tensor]:
         losses["loss_cls"] = losses["loss_cls"] + 0.0 * out.box_deltas.sum()
     losses[engine.COUNT_PREFIX + "negative_images"] = torch.tensor(
         float(sum(1 for item in batch if int(item["boxes"].shape[0]) == 0)))
-    losses[engine.COUNT_PREFIX + "foreground_regions"] = (out.gt_classes < inner.detector.classifier.num_classes
-                                                          ).sum().float().detach().cpu()
+    losses.update(region_accuracy_counts(out.class_logits, out.gt_classes))
     return losses
+
+
+def region_accuracy_counts(class_logits: Tensor, gt_classes: Tensor) -> dict[str, Tensor]:
+    """How many sampled regions the classifier gets right, foreground and background apart (detectron2 logs the
+    same as ``fast_rcnn/fg_cls_accuracy`` and ``cls_accuracy``): a detector that trades its foreground for its
+    background shows it here long before its AP does.
+
+    Args:
+        class_logits: (R, K + 1), background last; gt_classes: (R,) in 0..K.
+
+    Returns:
+        ``count_foreground_regions``, ``count_foreground_right``, ``count_background_regions``,
+        ``count_background_right`` (0-dim float tensors; the engine sums them over ranks).
+    """
+    k = class_logits.shape[1] - 1
+    with torch.no_grad():
+        right = class_logits.argmax(dim=1) == gt_classes
+        fg = gt_classes < k
+        values = {"foreground_regions": fg.sum(), "foreground_right": (right & fg).sum(),
+                  "background_regions": (~fg).sum(), "background_right": (right & ~fg).sum()}
+    return {engine.COUNT_PREFIX + name: v.float().cpu() for name, v in values.items()}
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -74,7 +74,8 @@ def test_one_step_trains_the_heads_and_upper_trunk_only(toy):
     model.train()
     batch = [stage.dataset[(i, 100 + i)] for i in range(3)]
     losses = compute_losses(model, batch)
-    assert set(losses) == {"loss_cls", "loss_box_reg", "count_negative_images", "count_foreground_regions"}
+    assert set(losses) == {"loss_cls", "loss_box_reg", "count_negative_images", "count_foreground_regions",
+                           "count_foreground_right", "count_background_regions", "count_background_right"}
     assert float(losses["count_negative_images"]) == sum(1 for b in batch if b["boxes"].shape[0] == 0)
     sum(v for k, v in losses.items() if k.startswith("loss")).backward()
     visual = model.clip.visual
@@ -91,6 +92,27 @@ def test_one_step_trains_the_heads_and_upper_trunk_only(toy):
     assert "class_embeddings" in dict(clf.named_buffers()) and "bg_embedding" in dict(clf.named_buffers())
     assert float(clf.bg_embedding.abs().sum()) == 0  # the original's all-zero frozen background
     assert all(not m.training for m in visual.modules() if isinstance(m, torch.nn.BatchNorm2d))
+
+
+def test_region_accuracy_counts_match_a_plain_count():
+    from rclip_core.finetune import region_accuracy_counts
+
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(40, 5, generator=g)  # K = 4, background = 4
+    labels = torch.randint(0, 5, (40,), generator=g)
+    counts = {k: int(v) for k, v in region_accuracy_counts(logits, labels).items()}
+    fg_n = fg_right = bg_n = bg_right = 0
+    for row, lab in zip(logits.tolist(), labels.tolist()):
+        best = max(range(5), key=lambda j: row[j])
+        if lab == 4:
+            bg_n += 1
+            bg_right += best == 4
+        else:
+            fg_n += 1
+            fg_right += best == lab
+    assert counts == {"count_foreground_regions": fg_n, "count_foreground_right": fg_right,
+                      "count_background_regions": bg_n, "count_background_right": bg_right}
+    assert 0 < fg_right < fg_n and 0 < bg_right < bg_n  # the case exercises both outcomes
 
 
 def test_learnable_background_is_a_trained_parameter(toy):
