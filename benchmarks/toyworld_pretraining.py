@@ -45,11 +45,12 @@ def main() -> None:
     ap.add_argument("--student-set", nargs="*", default=[],
                     help="extra pretrain recipe overrides for every student (e.g. pretrain.concept_thresh=0.5)")
     ap.add_argument("--teacher-set", nargs="*", default=[], help="extra overrides of the teacher's recipe")
+    ap.add_argument("--demo-set", nargs="*", default=[], help="overrides of the demo recipe (e.g. toyworld.*)")
     args = ap.parse_args()
     bar = lambda description, total: contextlib.nullcontext(None)  # noqa: E731
     rows: dict[str, list[dict]] = {}
     for seed in args.seeds:
-        recipe = load_recipe("demo_tiny_toyworld", [f"toyworld.seed={seed}"])
+        recipe = load_recipe("demo_tiny_toyworld", [f"toyworld.seed={seed}", *args.demo_set])
         recipe.demo.teacher_set = [*recipe.demo.teacher_set, *args.teacher_set]
         out = args.out / f"seed{seed}"
         world = make_world(recipe, out, force=True)

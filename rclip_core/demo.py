@@ -146,7 +146,8 @@ def make_world(recipe: Recipe, out: Path, *, force: bool) -> ToyWorld:
     tw = recipe.toyworld
     world = out / "toyworld"
     kw = {"image_size": tw.image_size, "size_scale": tw.size_scale, "force": force}
-    web = generate_toyworld(world, num_images=tw.num_web, seed=tw.seed + 100, prefix="web", max_objects=1, **kw)
+    web_kw = {**kw, "image_size": tw.web_image_size or tw.image_size, "size_scale": tw.web_size_scale or tw.size_scale}
+    web = generate_toyworld(world, num_images=tw.num_web, seed=tw.seed + 100, prefix="web", max_objects=1, **web_kw)
     train = generate_toyworld(world, num_images=tw.num_train, seed=tw.seed, prefix="train",
                               max_objects=tw.max_objects, **kw)
     val = generate_toyworld(world, num_images=tw.num_val, seed=tw.seed + 1, prefix="val", max_objects=tw.max_objects,

@@ -160,6 +160,9 @@ class ToyWorldCfg:
     # the shapes apart (at 1.0 the smallest shapes are a single res4 cell and a supervised tiny net reached 46 %
     # on whole single-object images in 300 steps, against 82 % at 1.5).
     size_scale: float = field(default=1.5, metadata=within(0.2, 3))
+    # The web images' own side and object scale; null = the scenes' (image_size, size_scale).
+    web_image_size: int | None = field(default=None, metadata=within(32, None))
+    web_size_scale: float | None = field(default=None, metadata=within(0.2, 3))
     seed: int = 0
 
 

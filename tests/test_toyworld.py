@@ -124,3 +124,30 @@ def test_captions_name_exactly_the_shapes_present(world):
             named = set(SHAPE_WORD.findall(t))
             assert named and named <= shapes[image_id], (t, shapes[image_id])
         assert set(SHAPE_WORD.findall(texts[0])) == shapes[image_id]  # the first caption lists every object
+
+
+@pytest.mark.parametrize("web_size, web_scale", [(64, 2.0), (None, None)])
+def test_demo_world_web_images_take_their_own_size_and_object_scale(tmp_path, web_size, web_scale):
+    """The demo's web images (what the teacher learns from) can be generated at another side and object scale than
+    the scenes; unset, they are the scenes'."""
+    from rclip_core.demo import make_world
+    from rclip_core.recipes import load_recipe
+
+    sets = ["toyworld.num_web=6", "toyworld.num_train=2", "toyworld.num_val=2", "toyworld.image_size=96",
+            "toyworld.size_scale=1.0"]
+    if web_size is not None:
+        sets += [f"toyworld.web_image_size={web_size}", f"toyworld.web_size_scale={web_scale}"]
+    world = make_world(load_recipe("demo_tiny_toyworld", sets), tmp_path, force=False)
+    web = json.loads(world.web.instances_json.read_text())
+    train = json.loads(world.train.instances_json.read_text())
+    side = web_size or 96
+    assert {(i["width"], i["height"]) for i in web["images"]} == {(side, side)}
+    assert {(i["width"], i["height"]) for i in train["images"]} == {(96, 96)}
+    # The same seed draws the same relative radii, scaled by the object scale: box sides relative to the image
+    # grow by 2.0 / 1.0 (up to rasterisation and clipping at the border).
+    rel = np.mean([max(a["bbox"][2], a["bbox"][3]) for a in web["annotations"]]) / side
+    plain = generate_toyworld(tmp_path / "plain", num_images=6, image_size=96, seed=100, prefix="web",
+                              max_objects=1, size_scale=1.0)
+    base_rel = np.mean([max(a["bbox"][2], a["bbox"][3]) for a in
+                        json.loads(plain.instances_json.read_text())["annotations"]]) / 96
+    assert rel == pytest.approx(base_rel * (web_scale or 1.0), rel=0.15)
