@@ -53,6 +53,10 @@ def main() -> None:
     zs = detect_shapes(student, world, rpn=rpn, recipe_name="demo_tiny_toyworld",
                        overrides=["zeroshot.num_proposals=100"])
     print("RESULT", json.dumps({"model": "zeroshot_rpn", **zs}), flush=True)
+    # The same, with the objectness fused as the toy detector's recipe fuses it (sigmoid, not the raw logit).
+    zs_sigmoid = detect_shapes(student, world, rpn=rpn, recipe_name="demo_tiny_toyworld",
+                               overrides=["zeroshot.num_proposals=100", "zeroshot.score_fusion=sigmoid"])
+    print("RESULT", json.dumps({"model": "zeroshot_rpn_sigmoid", **zs_sigmoid}), flush=True)
     for seed in args.seeds:
         det = args.out / f"seed{seed}" / "checkpoint.pt"
         if not det.exists():
@@ -67,6 +71,7 @@ def main() -> None:
             rows.setdefault(name, []).append(r)
             print("RESULT", json.dumps({"seed": seed, "model": name, **r}), flush=True)
     rows["zeroshot_rpn"] = [zs]
+    rows["zeroshot_rpn_sigmoid"] = [zs_sigmoid]
     print(f"\n{'model':<14} {'AP50 novel':>16} {'AP50 base':>16} {'AP50 all':>16}   (n seeds)")
     for name, rs in rows.items():
         cells = []

@@ -11,7 +11,7 @@ Measured with this exact set-up for toy-world seeds 0, 1, 2 (chance 0.125):
     AP50     18.5  / 17.8  / 17.1
 
 The bound (1.3 x chance overall, base above chance) sits below the worst of the three. Only seed 0 runs here; the
-full-length chain is checked by the slow test of ``tests/test_pretrain_claim.py``.
+full-length chain is checked by the slow test of ``tests/test_toyworld_claims.py``.
 """
 
 from __future__ import annotations

@@ -1,0 +1,97 @@
+"""Region pretraining and finetuning on the toy world, at full length (issues 8 and 9: their claims, checked as far
+as they were measured to hold; finetuning's measurements are beside its test).
+
+Runs ``rclip demo``'s default chain (toy world, teacher, concept pool, RPN, student; toy-world seed 0) and a second
+student trained with the image-text loss alone, and scores all three on the path ``rclip zeroshot --gt-boxes`` +
+``rclip eval`` ship. Several minutes on 2 CPU cores, hence ``slow``.
+
+Measured with ``python benchmarks/toyworld_pretraining.py --seeds 0 1 2 --variants imgtxt full`` (the same chain
+and recipes), held-out GT-box accuracy % / COCO AP50:
+
+    seed   teacher       image-text only   full student (the demo's)
+    0      64.0 / 55.8   46.9 / 33.7       60.5 / 53.3
+    1      59.6 / 47.7   44.7 / 37.8       61.6 / 52.7
+    2      47.2 / 39.3   45.3 / 39.3       45.9 / 41.1
+    (the earlier toy world, web images shrunk from the scenes, six runs: teacher 35.8-48.2, image-text only
+    20.1-41.7, full 40.0-46.6; full minus image-text +3.0 to +20.0, teacher minus full -4.3 to +3.5)
+
+What held in all nine runs, and is checked here:
+- the full student (distillation + concept contrastive + image-text) is not behind the image-text-only one
+  (+0.6 to +20.0 points; on seed 2 of the current toy world only +0.6);
+- the full student keeps most of its teacher's recognition (at worst 3.5 points lower). It does not reliably beat
+  its teacher overall (it does on novel shapes): see the README's toy-world section.
+The bounds sit below the smallest margin over the runs, so one seed's luck does not decide them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+
+from rclip_core.demo import evaluate_model, make_world, run_demo, train_student
+from rclip_core.recipes import load_recipe
+
+pytestmark = pytest.mark.slow
+
+# Percentage points; measured margins in the docstring (smallest gain 0.6, largest drop 3.5).
+MIN_ACC_GAIN_OVER_IMGTXT = 0.0
+MAX_ACC_DROP_FROM_TEACHER = 5.0
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    """The demo's default chain, once for the module (the finetuning check starts from its student)."""
+    recipe = load_recipe("demo_tiny_toyworld")
+    out = tmp_path_factory.mktemp("claim") / "demo"
+    return recipe, run_demo(recipe, out)
+
+
+def test_region_losses_help_and_the_student_keeps_most_of_its_teachers_recognition(demo_run, tmp_path):
+    recipe, result = demo_run
+    out = result.out
+    teacher, full = result.scores["teacher"], result.scores["student"]
+    world = make_world(recipe, out, force=True)  # the same files again (seeded), for the extra student
+    ckpt = train_student(recipe, world, tmp_path / "imgtxt", teacher=out / "teacher" / "checkpoint.pt",
+                         concepts=out / "concepts.pt", rpn=out / "rpn" / "checkpoint.pt", device="cpu",
+                         bar=lambda description, total: contextlib.nullcontext(None),
+                         overrides=["pretrain.loss_region_distill=0", "pretrain.loss_concept_contrastive=0"])
+    _, imgtxt = evaluate_model(ckpt, recipe, world, tmp_path / "dets_imgtxt.json", device="cpu")
+    assert 100 * (full.accuracy - imgtxt.accuracy) >= MIN_ACC_GAIN_OVER_IMGTXT, (full, imgtxt)
+    assert 100 * (teacher.accuracy - full.accuracy) <= MAX_ACC_DROP_FROM_TEACHER, (teacher, full)
+    assert full.accuracy > 2 * full.chance
+
+
+# Finetuning (issue 9's toy proof, as far as it was measured to hold). Measured with
+# `python benchmarks/toyworld_finetune.py --demo runs/ablation/seedN --init runs/ablation/seedN/student_full/
+# checkpoint.pt --seeds N` for N = 0, 1, 2 (the demo's chain per seed, then finetune_tiny_toyworld), AP50 base / novel
+# on the held-out scenes:
+#
+#     seed   finetuned     random novel embeddings   zero-shot RPN path (raw logit)   (sigmoid fusion)
+#     0      22.7 / 30.7   21.2 / 0.5                10.6 / 16.5                      19.3 / 24.5
+#     1      17.2 / 20.1   19.3 / 0.8                15.8 / 18.7                      23.7 / 28.2
+#     2      17.5 / 27.3   17.4 / 3.7                10.9 / 15.6                      18.9 / 25.9
+#
+# Held on every seed: novel shapes are detected through their names (random embeddings in their place: 19.3 to 30.1
+# points less), and the detector is not below the zero-shot path with the original's raw-logit fusion on base or
+# novel shapes (+1.4 at the least). Not held: beating the zero-shot path with the same (sigmoid) fusion.
+MIN_NOVEL_AP50_GAIN_OVER_RANDOM = 10.0
+MIN_AP50_GAIN_OVER_ZEROSHOT = 0.0
+
+
+def test_finetuned_detector_finds_novel_shapes_by_name(demo_run, tmp_path):
+    from rclip_core.demo import detect_shapes, existing_world, train_toy_detector
+
+    _, result = demo_run
+    out = result.out
+    world = existing_world(out)
+    rpn, student = out / "rpn" / "checkpoint.pt", out / "student" / "checkpoint.pt"
+    det = train_toy_detector(world, tmp_path / "det", student=student, rpn=rpn, seed=0)
+    finetuned = detect_shapes(det, world, rpn=rpn, recipe_name="finetune_tiny_toyworld")
+    random_novel = detect_shapes(det, world, rpn=rpn, recipe_name="finetune_tiny_toyworld", random_novel_seed=0)
+    zeroshot = detect_shapes(student, world, rpn=rpn, recipe_name="demo_tiny_toyworld",
+                             overrides=["zeroshot.num_proposals=100"])
+    assert finetuned["ap50_novel"] - random_novel["ap50_novel"] >= MIN_NOVEL_AP50_GAIN_OVER_RANDOM, (
+        finetuned, random_novel)
+    for split in ("ap50_base", "ap50_novel"):
+        assert finetuned[split] - zeroshot[split] >= MIN_AP50_GAIN_OVER_ZEROSHOT, (split, finetuned, zeroshot)
