@@ -217,3 +217,69 @@ def test_zeroshot_visual_only_still_rejects_embeddings_of_another_text_tower(sma
     save_embeddings(Embeddings(["cat", "dog"], torch.randn(2, 32), ["{}."], "D32-deadbeef"), tmp_path / "other.pt")
     res = CliRunner().invoke(cli, _zeroshot_args(small_coco, weights, tmp_path / "other.pt", tmp_path / "d.json"))
     assert res.exit_code == 1 and "text tower D32-deadbeef" in res.output
+
+
+# ---- only the visual tower is read from a converted checkpoint ---------------------------------------------------
+
+
+def _resident_bytes(path: Path) -> int:
+    """Bytes of ``path`` in the page cache (Linux ``mincore`` on a fresh mapping)."""
+    import ctypes
+    import mmap
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    size, page = path.stat().st_size, os.sysconf("SC_PAGE_SIZE")
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        vec = (ctypes.c_ubyte * ((size + page - 1) // page))()
+        assert libc.mincore(addr, size, vec) == 0
+        libc.munmap(addr, size)
+    finally:
+        os.close(fd)
+    return sum(v & 1 for v in vec) * page
+
+
+def _evict(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="page-cache residency is read with Linux mincore")
+def test_zeroshot_reads_only_the_visual_tower_of_a_converted_release_checkpoint(tiny_clip, small_coco):
+    """A converted pretrained release keeps its teacher (and the text tower) in the same file; the memory-mapped,
+    visual-only start-up reads neither from disk."""
+    from rclip_cli.main import cli
+    from rclip_core.convert import convert_checkpoint
+    from rclip_core.text_embed import embed_names, save_embeddings
+    from rclip_core.text_encoder import TextEncoder
+    from tests.test_convert import release_layout
+
+    src = small_coco["dir"] / "release.pth"
+    state = release_layout(tiny_clip, tiny_clip, extras=False)
+    state["teacher_backbone.padding"] = torch.randn(12_000_000)  # 48 MB: a teacher as large as it is in RN50 files
+    torch.save({"model": state}, src)
+    dst = small_coco["dir"] / "converted.pt"
+    convert_checkpoint(src, dst)
+    emb = small_coco["dir"] / "classes.pt"
+    save_embeddings(embed_names(TextEncoder(tiny_clip), ["cat", "dog"], templates=["a photo of a {}."]), emb)
+    student_bytes = sum(v.numel() * v.element_size() for v in tiny_clip.state_dict().values())
+    # Page faults and header reads pull in the kernel's read-ahead window around them (8 MB on the dev machine).
+    ahead = max([int(p.read_text()) for p in Path("/sys/block").glob("*/queue/read_ahead_kb")] or [8192]) << 10
+    if student_bytes + 2 * ahead > 0.8 * dst.stat().st_size:
+        pytest.skip("the read-ahead window is too large to tell what is read")
+    _evict(dst)
+    if _resident_bytes(dst) > 1 << 20:
+        pytest.skip("the page cache did not drop the file (cannot measure what is read)")
+    res = CliRunner().invoke(cli, _zeroshot_args(small_coco, dst, emb, small_coco["dir"] / "d.json"))
+    assert res.exit_code == 0, res.output
+    read = _resident_bytes(dst)
+    assert read < student_bytes + 2 * ahead, (read, student_bytes, dst.stat().st_size)
