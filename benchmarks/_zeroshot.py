@@ -1,9 +1,11 @@
 """`rclip zeroshot` against the plain eager path: the shared machinery of ``zeroshot_gtbox.py`` (100 GT boxes per
 image) and ``zeroshot_proposals.py`` (1000 proposals per image from a proposals file).
 
-ours  = the shipped command, ``python -m rclip_cli.main zeroshot ...``, in a fresh process: meta-device build and a
-        memory-mapped checkpoint, batch norms folded, channels-last, RoI head in chunks, the attention pool's
-        query for the kept token alone, ``torch.inference_mode``;
+ours  = the shipped command, ``python -m rclip_cli.main zeroshot ...``, in a fresh process: given embeddings, the
+        visual tower alone (no open_clip import, no text tower; torchvision's compiled ops without its Python
+        package, so no ``torch._dynamo``), meta-device build and a memory-mapped checkpoint, batch norms folded,
+        channels-last, RoI head in chunks, the attention pool's query for the kept token alone,
+        ``torch.inference_mode``;
 plain = the same modules and the same steps with none of that, kept here as the reference: the whole CLIP built
         with random initialisation, then the checkpoint read whole (no mmap) and copied in (``load_state_dict``),
         batch norms as they are, contiguous (NCHW) tensors, every region through res5 at once, open_clip's own
@@ -16,7 +18,10 @@ Reported, best of interleaved repeats:
   beside it;
 - ``*_forward``: the forward alone (normalise → res4 → regions → probabilities → NMS) on images decoded and resized
   beforehand, both detectors in this process;
-- ``max |Δprob|`` between the two paths' class probabilities, and between the two commands' written scores.
+- ``max |Δprob|`` between the two paths' class probabilities, and between the two commands' written scores;
+- with ``--options``, the recipe options that are off by default against the default path: ``zeroshot.compile``
+  (forward after compiling, the first call's compile time, the whole command with a fresh inductor cache) and
+  ``zeroshot.amp=bf16`` (forward and max |Δprob| against float32; said when the CPU has no bfloat16).
 """
 
 from __future__ import annotations

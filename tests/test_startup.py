@@ -173,9 +173,15 @@ def _zeroshot_args(small_coco, weights, emb, out: Path, *extra: str) -> list[str
             "--set", "zeroshot.score_thresh=0.0", *extra]
 
 
-def test_zeroshot_with_embeddings_imports_neither_open_clip_nor_torchvision(small_coco, weights_and_embeddings):
+@pytest.mark.parametrize("command", ["zeroshot", "visualize"])
+def test_commands_given_embeddings_import_neither_open_clip_nor_torchvision(small_coco, weights_and_embeddings,
+                                                                           command):
     weights, emb = weights_and_embeddings
     args = _zeroshot_args(small_coco, weights, emb, small_coco["dir"] / "dets.json")
+    if command == "visualize":
+        args = ["visualize", str(small_coco["images"] / "1.png"), "--regions", f"gt:{small_coco['ann']}",
+                "--embeddings", str(emb), "--weights", str(weights), "--out", str(small_coco["dir"] / "pictures"),
+                "--set", "input.min_size=96"]
     code = ("import sys\nfrom rclip_cli.main import cli\n"
             f"try:\n    cli.main({args!r}, standalone_mode=False)\nfinally:\n"
             "    heavy = ('open_clip', 'torchvision', 'torch._dynamo', 'timm')\n"
@@ -184,7 +190,10 @@ def test_zeroshot_with_embeddings_imports_neither_open_clip_nor_torchvision(smal
                           env={**os.environ, "PYTHONPATH": str(REPO)})
     assert proc.returncode == 0, proc.stderr
     assert "LOADED []" in proc.stdout, proc.stdout
-    assert json.loads((small_coco["dir"] / "dets.json").read_text())
+    if command == "zeroshot":
+        assert json.loads((small_coco["dir"] / "dets.json").read_text())
+    else:
+        assert list((small_coco["dir"] / "pictures").glob("*.png"))
 
 
 def test_zeroshot_with_embeddings_gives_the_whole_clips_scores(small_coco, weights_and_embeddings, monkeypatch):
