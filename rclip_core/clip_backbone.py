@@ -99,6 +99,12 @@ def _check_tag_reachable(open_clip_name: str, tag: str) -> None:
                          "machine with network into that cache, or give a local file: --weights FILE")
 
 
+def float32_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``state`` with floating tensors of another precision cast to float32 (OpenAI's released files are fp16):
+    loading with ``assign`` keeps the file's dtypes, which a float32 model must not inherit."""
+    return {k: v.float() if v.is_floating_point() and v.dtype != torch.float32 else v for k, v in state.items()}
+
+
 def _load_without_init(open_clip, spec: Variant, variant: str, state: dict, source: str) -> nn.Module:
     """Build the model on the meta device (no random initialisation: ten times faster for RN50) and take the
     loaded tensors as its parameters (``assign``, so a memory-mapped file is read only where it is used)."""
@@ -107,7 +113,7 @@ def _load_without_init(open_clip, spec: Variant, variant: str, state: dict, sour
     with torch.device("meta"):
         model = open_clip.create_model(spec.open_clip_name, pretrained=None, pretrained_text=False, device="meta")
     check_state_dict(model, state, source)
-    model.load_state_dict(state, strict=True, assign=True)
+    model.load_state_dict(float32_state(state), strict=True, assign=True)
     # The one non-persistent buffer, the text tower's causal mask, is not in any file: build it for real.
     length = int(model.positional_embedding.shape[0])
     model.attn_mask = torch.full((length, length), float("-inf")).triu_(1)

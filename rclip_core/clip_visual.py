@@ -191,6 +191,7 @@ def create_visual_clip(open_clip_name: str, own_config_dir: Path, state: dict[st
         RclipError: the visual keys or shapes do not fit (naming them).
     """
     from rclip_core.checkpoint import check_state_dict
+    from rclip_core.clip_backbone import float32_state
 
     with torch.device("meta"):
         visual = build_visual(model_config(open_clip_name, own_config_dir))
@@ -199,5 +200,5 @@ def create_visual_clip(open_clip_name: str, own_config_dir: Path, state: dict[st
     model = VisualCLIP(visual, text)
     visual_state = {k: v for k, v in state.items() if k.startswith("visual.")}
     check_state_dict(model, visual_state, str(source))
-    model.load_state_dict(visual_state, strict=True, assign=True)
+    model.load_state_dict(float32_state(visual_state), strict=True, assign=True)
     return model.eval()

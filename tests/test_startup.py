@@ -292,3 +292,18 @@ def test_zeroshot_reads_only_the_visual_tower_of_a_converted_release_checkpoint(
     assert res.exit_code == 0, res.output
     read = _resident_bytes(dst)
     assert read < student_bytes + 2 * ahead, (read, student_bytes, dst.stat().st_size)
+
+
+@pytest.mark.parametrize("visual_only", [False, True])
+def test_half_precision_weights_load_as_float32(tiny_clip, tmp_path, visual_only):
+    """OpenAI's released files are fp16; loading without random init (``assign``) must not make the model fp16."""
+    from rclip_core.clip_backbone import create_clip
+
+    torch.save({k: v.half() if v.is_floating_point() else v for k, v in tiny_clip.state_dict().items()},
+               tmp_path / "half.pt")
+    clip = create_clip("tiny", str(tmp_path / "half.pt"), visual_only=visual_only)
+    assert {p.dtype for p in clip.parameters()} == {torch.float32}
+    with torch.no_grad():
+        out = clip.visual(torch.randn(1, 3, 128, 128))
+        ref = tiny_clip.visual(torch.randn(1, 3, 128, 128))
+    assert out.dtype == torch.float32 and out.shape == ref.shape
