@@ -1,9 +1,11 @@
 """`rclip zeroshot` against the plain eager path: the shared machinery of ``zeroshot_gtbox.py`` (100 GT boxes per
 image) and ``zeroshot_proposals.py`` (1000 proposals per image from a proposals file).
 
-ours  = the shipped command, ``python -m rclip_cli.main zeroshot ...``, in a fresh process: meta-device build and a
-        memory-mapped checkpoint, batch norms folded, channels-last, RoI head in chunks, the attention pool's
-        query for the kept token alone, ``torch.inference_mode``;
+ours  = the shipped command, ``python -m rclip_cli.main zeroshot ...``, in a fresh process: given embeddings, the
+        visual tower alone (no open_clip import, no text tower; torchvision's compiled ops without its Python
+        package, so no ``torch._dynamo``), meta-device build and a memory-mapped checkpoint, batch norms folded,
+        channels-last, RoI head in chunks, the attention pool's query for the kept token alone,
+        ``torch.inference_mode``;
 plain = the same modules and the same steps with none of that, kept here as the reference: the whole CLIP built
         with random initialisation, then the checkpoint read whole (no mmap) and copied in (``load_state_dict``),
         batch norms as they are, contiguous (NCHW) tensors, every region through res5 at once, open_clip's own
@@ -16,7 +18,10 @@ Reported, best of interleaved repeats:
   beside it;
 - ``*_forward``: the forward alone (normalise → res4 → regions → probabilities → NMS) on images decoded and resized
   beforehand, both detectors in this process;
-- ``max |Δprob|`` between the two paths' class probabilities, and between the two commands' written scores.
+- ``max |Δprob|`` between the two paths' class probabilities, and between the two commands' written scores;
+- with ``--options``, the recipe options that are off by default against the default path: ``zeroshot.compile``
+  (forward after compiling, the first call's compile time, the whole command with a fresh inductor cache) and
+  ``zeroshot.amp=bf16`` (forward and max |Δprob| against float32; said when the CPU has no bfloat16).
 """
 
 from __future__ import annotations
@@ -179,10 +184,11 @@ def ours_command(root: Path, variant: str, regions: str, out: Path) -> list[str]
             "--embeddings", str(emb), "--weights", str(weights), "--out", str(out), "--force"]
 
 
-def timed_subprocess(cmd: list[str], peak_file: Path) -> tuple[float, float]:
+def timed_subprocess(cmd: list[str], peak_file: Path, env: dict | None = None) -> tuple[float, float]:
     """(wall seconds, peak resident MiB) of one fresh process running ``cmd`` (``[python, ...]``), its peak read
-    by ``_peak.py`` from its own address space."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    by ``_peak.py`` from its own address space; ``env``: added to the environment."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+           **(env or {})}
     cmd = [cmd[0], str(Path(__file__).parent / "_peak.py"), str(peak_file), *cmd[1:]]
     start = time.perf_counter()
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=REPO)
@@ -237,6 +243,64 @@ def forward_pair(root: Path, variant: str, regions: str, repeats: int) -> tuple[
     return len(items) / best_ours, len(items) / best_plain, diff
 
 
+def _probs(det, item, *, amp: str = "off") -> torch.Tensor:
+    """Class probabilities (P, K) of one image through a prepared detector, in ``inference_mode`` (``amp``: the
+    detector's autocast, logits back in float32 as ``detect`` does)."""
+    det.amp = amp
+    with torch.inference_mode(), det._autocast():
+        out = det([item])
+    out.class_logits = out.class_logits.float()
+    return det.region_probs(out)[0]
+
+
+def _best_detect(det, items, repeats: int) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for item in items:
+            det.detect([item])
+        best = min(best, time.perf_counter() - start)
+    return len(items) / best
+
+
+def options_pair(root: Path, variant: str, regions: str, repeats: int, name: str, what: str) -> None:
+    """The recipe options that are off by default, each against the default path (ours) in this process:
+    ``zeroshot.compile`` (forward after compiling, and the compile time: the first call) and ``zeroshot.amp bf16``
+    (forward, and max |Δprob| against float32)."""
+    from rclip_core.clip_backbone import create_clip, prepare_for_inference
+    from rclip_core.engine import resolve_amp
+    from rclip_core.inference import compile_detector
+
+    weights, emb_path = root / f"{variant}.pt", root / f"{variant}_classes.pt"
+    emb = torch.load(emb_path, map_location="cpu", weights_only=True)["embeddings"]
+    recipe, ours = build_detector(prepare_for_inference(create_clip(variant, str(weights), visual_only=True)), emb,
+                                  variant, regions, plain=False)
+    _, compiled = build_detector(prepare_for_inference(create_clip(variant, str(weights), visual_only=True)), emb,
+                                 variant, regions, plain=False)
+    compile_detector(compiled)
+    ds, _ = dataset_of(root, recipe, regions)
+    items = [ds[i] for i in range(len(ds))]
+    start = time.perf_counter()
+    p_comp = _probs(compiled, items[0])  # the first call compiles
+    compile_s = time.perf_counter() - start
+    diff = max(float((_probs(compiled, it) - _probs(ours, it)).abs().max()) for it in items)
+    fell_back = compiled.backbone.failed or compiled.roi_heads.head.layer4.failed
+    del p_comp
+    f_ours, f_comp = _best_detect(ours, items, repeats), _best_detect(compiled, items, repeats)
+    print(bench_line(f"{name}_compile_forward", f_comp, f_ours, "img/s", baseline="eager")
+          + f"  [{what}; zeroshot.compile vs default, compiled beforehand (first call {compile_s:.0f} s)"
+          + f"{'; FELL BACK to eager' if fell_back else ''}; max |dprob| {diff:.1e}]", flush=True)
+    amp = resolve_amp("bf16", "cpu", what="inference")
+    if amp == "off":
+        print("# amp bf16: no native bfloat16 on this CPU, the option falls back to float32 (nothing to measure)")
+        return
+    diff = max(float((_probs(ours, it, amp="bf16") - _probs(ours, it)).abs().max()) for it in items)
+    ours.amp = "bf16"
+    f_bf16 = _best_detect(ours, items, repeats)
+    print(bench_line(f"{name}_bf16_forward", f_bf16, f_ours, "img/s", baseline="fp32")
+          + f"  [{what}; zeroshot.amp=bf16 vs off; max |dprob| {diff:.1e}]", flush=True)
+
+
 def main(regions: str, default_boxes: int) -> None:
     ap = argparse.ArgumentParser(description=(sys.modules["__main__"].__doc__ or "") + __doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -246,6 +310,9 @@ def main(regions: str, default_boxes: int) -> None:
     ap.add_argument("--regions", type=int, default=default_boxes, help="GT boxes or proposals per image")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--skip", choices=["cmd", "forward"], help="measure only one of the two comparisons")
+    ap.add_argument("--options", action="store_true",
+                    help="also measure the options that are off by default (zeroshot.compile, amp bf16) against "
+                         "the default path: forward, compile time, the command with compile, max |dprob|")
     ap.add_argument("--plain-child", type=Path, help=argparse.SUPPRESS)  # internal: run the plain command here
     args = ap.parse_args()
     if args.plain_child is not None:
@@ -284,4 +351,18 @@ def main(regions: str, default_boxes: int) -> None:
                   + f"  [whole command, start-up included; {what}; max |dscore| {dscore:.1e}]")
             print(bench_line(f"{name}_cmd_peak_mem", m_ours, m_plain, "MiB", baseline="plain")
                   + f"  [peak RSS of each command; {what}]")
+        if args.options:
+            options_pair(root, args.variant, regions, repeats, name, what)
+            t_def = t_comp = float("inf")
+            for _ in range(repeats):
+                # a fresh inductor cache each time: the first run of a compiled command, compile included
+                cache = {"TORCHINDUCTOR_CACHE_DIR": tempfile.mkdtemp(dir=tmp)}
+                t_comp = min(t_comp, timed_subprocess(
+                    ours_command(root, args.variant, regions, root / "compiled.json")
+                    + ["--set", "zeroshot.compile=true"], root / "peak.txt", env=cache)[0])
+                t_def = min(t_def, timed_subprocess(ours_command(root, args.variant, regions, root / "ours.json"),
+                                                    root / "peak.txt")[0])
+            print(bench_line(f"{name}_compile_cmd", n_images / t_comp, n_images / t_def, "img/s", baseline="eager")
+                  + f"  [whole command with zeroshot.compile=true vs default, compile included (fresh cache); "
+                  f"{what}; max |dscore| {max_score_diff(root / 'compiled.json', root / 'ours.json'):.1e}]")
         print(f"# load {os.getloadavg()[0]:.2f} at the end", flush=True)

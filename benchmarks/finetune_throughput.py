@@ -10,7 +10,7 @@ infer bare = ``detector(batch)`` (RPN + RoI heads, the same items prepared befor
 Both paths run interleaved in one process, several repeats, best of each. Random weights, generated toy-world
 images (128 px, tiny) or 640 px images (RN50).
 
-    python benchmarks/finetune_throughput.py [--quick] [--variant tiny|RN50]
+    python benchmarks/finetune_throughput.py [--quick] [--variant tiny|RN50] [--skip train|infer] [--infer-repeats N]
 """
 
 from __future__ import annotations
@@ -108,8 +108,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer steps and images, 2 repeats")
     ap.add_argument("--variant", default="tiny", choices=["tiny", "RN50"])
+    ap.add_argument("--skip", choices=["train", "infer"], help="measure only one of the two comparisons")
+    ap.add_argument("--infer-repeats", type=int, default=None,
+                    help="inference repeats (default: as training; more are cheap and steady the best-of)")
     args = ap.parse_args()
     steps, n_images, repeats = (6, 8, 2) if args.quick else (20, 16, 3)
+    infer_repeats = args.infer_repeats or repeats
     batch = 4 if args.variant == "tiny" else 2
     with tempfile.TemporaryDirectory() as tmp:
         from rclip_core.data.coco import DetectionDataset
@@ -122,14 +126,22 @@ def main() -> None:
         infer_bare(detector, items[:1])  # warm-up
         k = detector.classifier.num_classes
         t_ours, t_bare, i_ours, i_bare = [], [], [], []
-        for _ in range(repeats):
-            t_bare.append(train_bare(stage, recipe))
-            t_ours.append(train_ours(stage, recipe))
-            i_bare.append(infer_bare(detector, items))
-            i_ours.append(infer_ours(detector, dataset, k))
+        print(f"# load {os.getloadavg()[0]:.2f}", flush=True)
+        for i in range(max(repeats, infer_repeats)):
+            if args.skip != "train" and i < repeats:
+                t_bare.append(train_bare(stage, recipe))
+                t_ours.append(train_ours(stage, recipe))
+            if args.skip != "infer" and i < infer_repeats:
+                i_bare.append(infer_bare(detector, items))
+                i_ours.append(infer_ours(detector, dataset, k))
         name = args.variant.lower()
-        print(bench_line(f"finetune_train_{name}", max(t_ours), max(t_bare), "it/s"))
-        print(bench_line(f"finetune_infer_{name}", max(i_ours), max(i_bare), "img/s"))
+        if t_ours:
+            print(bench_line(f"finetune_train_{name}", max(t_ours), max(t_bare), "it/s")
+                  + f"  [batch {batch}, {steps} steps/run, best of {repeats}]")
+        if i_ours:
+            print(bench_line(f"finetune_infer_{name}", max(i_ours), max(i_bare), "img/s")
+                  + f"  [{len(items)} images, best of {infer_repeats}]")
+        print(f"# load {os.getloadavg()[0]:.2f} at the end", flush=True)
 
 
 if __name__ == "__main__":

@@ -148,11 +148,12 @@ def model_options(fn: Callable) -> Callable:
     return wrapper
 
 
-def load_clip(recipe: Any, device: str):
-    """The open_clip CLIP of ``recipe.model`` on ``device``, in eval mode."""
+def load_clip(recipe: Any, device: str, *, visual_only: bool = False):
+    """The open_clip CLIP of ``recipe.model`` on ``device``, in eval mode; ``visual_only`` (a command given class
+    embeddings): with a weights file, its visual tower alone (``create_clip``'s ``visual_only``)."""
     from rclip_core.clip_backbone import create_clip
 
-    clip = create_clip(recipe.model.variant, recipe.model.weights)
+    clip = create_clip(recipe.model.variant, recipe.model.weights, visual_only=visual_only)
     recipe.model.variant = clip.rclip_variant  # the resolved variant is what the saved recipe records
     if recipe.model.weights is not None:  # a finetuned detector (`rclip finetune`): its heads come along
         from rclip_core.finetune import read_detector
@@ -253,11 +254,17 @@ def classes_options(fn: Callable) -> Callable:
 def class_embeddings(clip: Any, recipe: Any, classes: Any, embeddings: Path | None):
     """The class embeddings of a command: ``classes`` (from :func:`rclip_core.data.class_lists.class_source`)
     embedded with ``clip``'s text tower and the recipe's templates, or the ``embeddings`` file."""
+    from rclip_core.clip_visual import VisualCLIP
     from rclip_core.text_embed import class_embeddings as embed
-    from rclip_core.text_encoder import TextEncoder
 
     text = recipe.text
-    return embed(TextEncoder(clip), classes, embeddings, templates=text.templates, batch_size=text.batch_size,
+    if isinstance(clip, VisualCLIP):  # given embeddings: checked against the stored fingerprint
+        encoder = clip.text
+    else:
+        from rclip_core.text_encoder import TextEncoder
+
+        encoder = TextEncoder(clip)
+    return embed(encoder, classes, embeddings, templates=text.templates, batch_size=text.batch_size,
                  truncate=text.truncate)
 
 

@@ -76,7 +76,7 @@ def visualize(inputs, classes, embeddings, regions, out, topk, score_thresh, htm
     images = prepare_images(class_list_of(wanted, embeddings).names, source, inputs=files, match_names=False)
     source.check_available()  # inputs all read and checked: now the models
     device = get_device()
-    clip = load_clip(recipe, device)
+    clip = load_clip(recipe, device, visual_only=embeddings is not None)  # no text tower needed
     emb = class_embeddings(clip, recipe, wanted, embeddings)
     with make_progress() as progress:
         task = progress.add_task("recognising", total=len(images.records), rate="")

@@ -74,7 +74,7 @@ def zeroshot(image_dir, classes, embeddings, regions, annotations, out, limit, s
                             embedding_ids=listed.category_ids, limit=limit, names_source=embeddings or "--classes")
     source.check_available()  # inputs all read and checked: now the models
     device = get_device()
-    clip = load_clip(recipe, device)
+    clip = load_clip(recipe, device, visual_only=embeddings is not None)  # no text tower needed
     emb = class_embeddings(clip, recipe, wanted, embeddings)
     with make_progress() as progress:
         task = progress.add_task("zero-shot", total=len(images.records), rate="")

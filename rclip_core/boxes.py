@@ -5,7 +5,8 @@ on disk, or the resized image a model sees). COCO files store ``xywh``; :func:`x
 are called only where such files are read and written (``data/coco.py``, ``inference.py``, ``rpn/proposals.py``).
 Per-image targets are ``{"boxes": Tensor[N, 4], "labels": Tensor[N] int64}``.
 
-Built on ``torchvision.ops`` where it has the operation (``box_convert``, ``clip_boxes_to_image``).
+Plain torch (the same arithmetic as ``torchvision.ops.box_convert`` / ``clip_boxes_to_image``, tested equal), so that
+reading annotation files never imports torchvision's Python package (see :mod:`rclip_core.tvops`).
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor
-from torchvision.ops import box_convert, clip_boxes_to_image
 
 
 def as_boxes(data: Sequence[Sequence[float]] | Tensor) -> Tensor:
@@ -24,12 +24,14 @@ def as_boxes(data: Sequence[Sequence[float]] | Tensor) -> Tensor:
 
 def xywh_to_xyxy(boxes: Tensor) -> Tensor:
     """COCO ``[x, y, w, h]`` (N, 4) → ``[x1, y1, x2, y2]`` (N, 4)."""
-    return box_convert(as_boxes(boxes), "xywh", "xyxy")
+    b = as_boxes(boxes)
+    return torch.cat([b[:, :2], b[:, :2] + b[:, 2:]], dim=1)
 
 
 def xyxy_to_xywh(boxes: Tensor) -> Tensor:
     """``[x1, y1, x2, y2]`` (N, 4) → COCO ``[x, y, w, h]`` (N, 4), in the input's dtype."""
-    return box_convert(boxes.reshape(-1, 4), "xyxy", "xywh")
+    b = boxes.reshape(-1, 4)
+    return torch.cat([b[:, :2], b[:, 2:] - b[:, :2]], dim=1)
 
 
 def scale_boxes(boxes: Tensor, sx: float, sy: float) -> Tensor:
@@ -52,8 +54,9 @@ def hflip_boxes(boxes: Tensor, width: float) -> Tensor:
 
 def clip_boxes(boxes: Tensor, width: float, height: float) -> Tensor:
     """Clamp boxes (N, 4) to the ``width`` × ``height`` image (a new tensor)."""
-    # torchvision's clip_boxes_to_image clamps the same way; its (int, int) size hint is for TorchScript only.
-    return clip_boxes_to_image(boxes, (height, width))  # type: ignore[arg-type]
+    x = boxes[:, 0::2].clamp(min=0, max=width)
+    y = boxes[:, 1::2].clamp(min=0, max=height)
+    return torch.stack([x[:, 0], y[:, 0], x[:, 1], y[:, 1]], dim=1)
 
 
 def nonempty(boxes: Tensor) -> Tensor:

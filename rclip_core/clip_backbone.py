@@ -17,9 +17,9 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
-from torchvision.ops import roi_align
 
 from rclip_core.errors import RclipError
+from rclip_core.tvops import roi_align
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +99,12 @@ def _check_tag_reachable(open_clip_name: str, tag: str) -> None:
                          "machine with network into that cache, or give a local file: --weights FILE")
 
 
+def float32_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``state`` with floating tensors of another precision cast to float32 (OpenAI's released files are fp16):
+    loading with ``assign`` keeps the file's dtypes, which a float32 model must not inherit."""
+    return {k: v.float() if v.is_floating_point() and v.dtype != torch.float32 else v for k, v in state.items()}
+
+
 def _load_without_init(open_clip, spec: Variant, variant: str, state: dict, source: str) -> nn.Module:
     """Build the model on the meta device (no random initialisation: ten times faster for RN50) and take the
     loaded tensors as its parameters (``assign``, so a memory-mapped file is read only where it is used)."""
@@ -107,7 +113,7 @@ def _load_without_init(open_clip, spec: Variant, variant: str, state: dict, sour
     with torch.device("meta"):
         model = open_clip.create_model(spec.open_clip_name, pretrained=None, pretrained_text=False, device="meta")
     check_state_dict(model, state, source)
-    model.load_state_dict(state, strict=True, assign=True)
+    model.load_state_dict(float32_state(state), strict=True, assign=True)
     # The one non-persistent buffer, the text tower's causal mask, is not in any file: build it for real.
     length = int(model.positional_embedding.shape[0])
     model.attn_mask = torch.full((length, length), float("-inf")).triu_(1)
@@ -115,7 +121,8 @@ def _load_without_init(open_clip, spec: Variant, variant: str, state: dict, sour
     return model.eval()
 
 
-def create_clip(variant: str | None, weights: str | None = None, *, log_random_init: bool = True) -> nn.Module:
+def create_clip(variant: str | None, weights: str | None = None, *, log_random_init: bool = True,
+                visual_only: bool = False) -> nn.Module:
     """Build an open_clip ``CLIP`` and load ``weights``; the variant is ``variant`` or the one the file records.
 
     Args:
@@ -128,12 +135,14 @@ def create_clip(variant: str | None, weights: str | None = None, *, log_random_i
             ``rclip weights convert`` or ``rclip pretrain``), a bare open_clip/OpenAI state dict, or ``.safetensors``.
         log_random_init: warn when the model keeps random weights (off for callers that load weights into it
             themselves, such as checkpoint conversion).
+        visual_only: with a local weights file, build the visual tower alone, without importing open_clip (a
+            :class:`rclip_core.clip_visual.VisualCLIP`: ``visual`` and the text tower's fingerprint and dimension, for
+            commands given class embeddings); ignored for a tag or random weights.
 
     Returns:
-        ``open_clip.CLIP`` in eval mode, with ``rclip_variant`` (the variant used) and ``rclip_random_weights``.
+        ``open_clip.CLIP`` (or ``VisualCLIP``) in eval mode, with ``rclip_variant`` (the variant used) and
+        ``rclip_random_weights``.
     """
-    import open_clip
-
     tag = None if weights is None or _is_file_spec(weights) else weights
     state, stored_fingerprint = None, None
     if weights is not None and tag is None:
@@ -157,6 +166,15 @@ def create_clip(variant: str | None, weights: str | None = None, *, log_random_i
             variant = recorded or infer_variant(state) or "RN50"
     variant = variant or "RN50"
     spec = get_variant(variant)
+    if state is not None and visual_only:
+        from rclip_core.clip_visual import create_visual_clip
+
+        model = create_visual_clip(spec.open_clip_name, _TINY_CONFIG_DIR, state, str(weights),
+                                   text_fingerprint=stored_fingerprint)
+        model.rclip_variant, model.rclip_random_weights = variant, False
+        return model
+    import open_clip
+
     if spec.open_clip_name == "rclip-tiny":
         # Registered only when asked for, so importing rclip_core never touches open_clip's config registry.
         open_clip.add_model_config(_TINY_CONFIG_DIR)

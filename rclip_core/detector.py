@@ -28,12 +28,11 @@ from typing import Literal
 
 import torch
 from torch import Tensor, nn
-from torchvision.models.detection.image_list import ImageList
-from torchvision.ops import batched_nms
 
 from rclip_core.classifier import CosineClassifier
 from rclip_core.clip_backbone import CLIPTrunk, RegionHead
-from rclip_core.data.transforms import ImageNormalizer
+from rclip_core.data.transforms import ImageList, ImageNormalizer
+from rclip_core.tvops import batched_nms
 
 ScoreFusion = Literal["raw_logit", "sigmoid", "none"]
 NmsKind = Literal["hard", "soft"]

@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable
 
 import torch
+from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from rclip_core import boxes as B
@@ -69,6 +70,47 @@ def run_detection(detector: RegionDetector, dataset: Dataset, *, category_ids: l
             summary.add_image(det["num_regions"], int(det["scores"].shape[0]))
             results.extend(to_coco_results(item["image_id"], det, item["scale"], category_ids))
     return results, summary
+
+
+class CompiledOrEager(nn.Module):
+    """``torch.compile(module)``, falling back to ``module`` itself, with one WARNING line, when compiling fails
+    (``torch.compile`` compiles on the first call, so that is where a missing C++ compiler or an op it cannot
+    trace shows; the eager call then decides whether the error was the compiler's or the input's).
+
+    Args:
+        module: the module to compile; its parameters are shared, not copied.
+        what: a name for the WARNING line.
+    """
+
+    def __init__(self, module: nn.Module, what: str) -> None:
+        super().__init__()
+        self.module = module
+        self.what = what
+        self.compiled = None  # built on the first call, so a run without the option never imports torch._dynamo
+        self.failed = False
+
+    def forward(self, *args, **kwargs):
+        if not self.failed:
+            try:
+                if self.compiled is None:  # kept out of the module tree (it wraps the same parameters)
+                    object.__setattr__(self, "compiled", torch.compile(self.module))
+                return self.compiled(*args, **kwargs)
+            except Exception as e:  # torch.compile raises many types (compiler missing, backend or tracing errors)
+                out = self.module(*args, **kwargs)  # an error of the input itself raises here, as without compile
+                self.failed = True
+                first = (str(e).strip().splitlines() or [type(e).__name__])[-1][:160]
+                log.warning("torch.compile failed for %s (%s): running it in eager mode", self.what, first)
+                return out
+        return self.module(*args, **kwargs)
+
+
+def compile_detector(detector: RegionDetector) -> RegionDetector:
+    """``zeroshot.compile``: the detector's trunk and res5 (where nearly all the time goes) under ``torch.compile``,
+    each with its eager fallback (:class:`CompiledOrEager`); in place, returns ``detector``."""
+    detector.backbone = CompiledOrEager(detector.backbone, "the trunk")
+    head = detector.roi_heads.head
+    head.layer4 = CompiledOrEager(head.layer4, "res5")
+    return detector
 
 
 def to_coco_results(image_id: int, det: dict, scale: tuple[float, float], category_ids: list[int]) -> list[dict]:

@@ -104,6 +104,9 @@ class ZeroShotCfg:
     channels_last: bool = True
     roi_chunk: int = field(default=128, metadata=within(1, None))
     amp: Literal["off", "bf16", "fp16"] = "off"
+    # torch.compile of the trunk and res5 (README "Benchmarks": measured not to pay on a 2-core CPU, compile time
+    # included); where it cannot compile (no C++ compiler, an unsupported op), one WARNING line and eager mode.
+    compile: bool = False
 
 
 @dataclass

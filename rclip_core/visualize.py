@@ -16,7 +16,6 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
-from torchvision.utils import make_grid
 
 from rclip_core.data.files import picture_names  # noqa: F401  (its home; importable here as before)
 
@@ -115,6 +114,8 @@ def draw_detections(image: Tensor, boxes: Tensor, names: list[str], scores: Tens
 
 def tile(images: list[Tensor], nrow: int = 4, padding: int = 4) -> Tensor:
     """Lay out (3, H, W) uint8 images of one size in a grid → (3, H', W') uint8."""
+    from torchvision.utils import make_grid  # here: drawing detections alone never imports torchvision (tvops.py)
+
     return make_grid(torch.stack(images), nrow=nrow, padding=padding, pad_value=255)
 
 

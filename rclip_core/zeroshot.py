@@ -152,6 +152,10 @@ def run_zeroshot(clip: nn.Module, embeddings: torch.Tensor, images: ImageSet, so
                                   box_deltas=zs.box_deltas and source.kind != "gt")
     else:
         detector = build_region_detector(clip, embeddings, recipe, build_proposal_generator(source, recipe))
+    if zs.compile:
+        from rclip_core.inference import compile_detector
+
+        compile_detector(detector)
     dataset = DetectionDataset(images.records, images.image_dir, min_sizes=recipe.input.min_size,
                                max_size=recipe.input.max_size)
     return run_detection(detector, dataset, category_ids=images.category_ids, batch_size=zs.batch_size,

@@ -3,6 +3,7 @@ to what does, with one WARNING line saying which and why, never a traceback (iss
 
 from __future__ import annotations
 
+import json
 import logging
 
 import pytest
@@ -74,3 +75,46 @@ def test_amp_off_can_be_set_although_yaml_reads_off_as_false():
 
     r = load_recipe(None, ["zeroshot.amp=off", "pretrain.amp=off"])
     assert r.zeroshot.amp == "off" and r.pretrain.amp == "off"
+
+
+def test_torch_compile_that_fails_falls_back_to_eager_with_one_warning(small_coco, monkeypatch, caplog):
+    """``zeroshot.compile`` where torch.compile cannot work (simulated: no C++ compiler; it fails on the first
+    call): the same detections as without it, one WARNING line per compiled part, no traceback."""
+    runner = CliRunner()
+    emb = small_coco["dir"] / "classes.pt"
+    res = runner.invoke(cli, ["embed", "--classes-from", str(small_coco["ann"]), "--out", str(emb), "--variant",
+                              "tiny"])
+    assert res.exit_code == 0, res.output
+
+    def no_compiler(module, **kwargs):
+        def call(*args, **kw):
+            raise RuntimeError("InductorError: CppCompileError: C++ compile error\nno C++ compiler found (g++)")
+        return call
+
+    monkeypatch.setattr(torch, "compile", no_compiler)
+    outs = {}
+    for flag in ("false", "true"):
+        out = small_coco["dir"] / f"dets_{flag}.json"
+        res = runner.invoke(cli, ["--device", "cpu", "zeroshot", "--gt-boxes", str(small_coco["ann"]), "--images",
+                                  str(small_coco["images"]), "--embeddings", str(emb), "--out", str(out),
+                                  "--variant", "tiny", "--set", "input.min_size=96", "--set",
+                                  "zeroshot.score_thresh=0", "--set", f"zeroshot.compile={flag}"])
+        assert res.exit_code == 0, res.output
+        assert "Traceback" not in res.output
+        outs[flag] = (" ".join(res.output.split()), out.read_text())  # rich wraps long lines
+    assert outs["true"][1] == outs["false"][1]
+    assert len(json.loads(outs["true"][1])) == 12  # 3 images × 2 boxes × 2 classes
+    said = outs["true"][0]
+    assert said.count("WARNING torch.compile failed") == 2 and said.count("torch.compile") == 2, said
+    assert "the trunk (no C++ compiler found (g++)): running it in eager mode" in said
+    assert "res5 (no C++ compiler found (g++)): running it in eager mode" in said
+    assert "torch.compile" not in outs["false"][0]
+
+
+def test_a_bad_input_under_compile_still_raises_its_own_error():
+    """The eager fallback decides: an error of the input itself is raised, not swallowed as a compile failure."""
+    from rclip_core.inference import CompiledOrEager
+
+    part = CompiledOrEager(torch.nn.Linear(3, 2), "a layer")
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        part(torch.zeros(1, 5))

@@ -196,3 +196,18 @@ def test_first_token_attention_pool_equals_open_clips_forward_and_gradients(tiny
     grads = [x.grad] + [p.grad if p.grad is not None else torch.zeros_like(p) for p in pool.parameters()]
     for a, b in zip(grads, ref_grads):
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.slow  # compiling the tiny trunk and res5 takes 30-60 s on 2 cores
+def test_torch_compile_keeps_the_plain_paths_probabilities(tiny_setup):
+    """``zeroshot.compile``: the trunk and res5 under ``torch.compile`` (really compiled, not fallen back), within
+    1e-4 of the plain path."""
+    from rclip_core.inference import compile_detector
+
+    clip, emb, batch = tiny_setup
+    ref = plain_outputs(plain_detector(copy.deepcopy(clip), "tiny", emb, temperature=1.0), batch)
+    det = compile_detector(detector(prepare_for_inference(copy.deepcopy(clip)), "tiny", emb, chunk=5,
+                                    temperature=1.0))
+    compare(*outputs(det, batch, inference_mode=True), *ref)
+    for part in (det.backbone, det.roi_heads.head.layer4):
+        assert part.compiled is not None and not part.failed

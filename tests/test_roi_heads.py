@@ -218,3 +218,41 @@ def test_soft_nms_prunes_boxes_decayed_below_the_threshold():
     idx, sc = soft_nms(boxes, torch.tensor([0.01, 0.009, 0.008]), torch.zeros(3, dtype=torch.int64))
     assert idx.tolist() == [0, 1]  # the third fell to 0.008 e^-4 = 1.5e-4 < 0.001
     assert sc.tolist() == pytest.approx([0.01, 0.009 * math.exp(-2)])
+
+
+def test_pairwise_iou_is_torchvisions_to_the_bit():
+    import numpy as np
+    from torchvision.ops import box_iou
+
+    from rclip_core.roi_heads import _pairwise_iou
+
+    g = torch.Generator().manual_seed(3)
+    boxes = _boxes(g, 40).reshape(2, 20, 4)
+    boxes[0, 5:10] = boxes[0, :5] + 0.5
+    ours = _pairwise_iou(boxes.numpy().astype(np.float32))
+    for i in range(2):
+        assert torch.equal(torch.from_numpy(ours[i]), box_iou(boxes[i], boxes[i]))
+
+
+@pytest.mark.parametrize("group", [1, 50, 8_000_000])  # classes one at a time, a few together, all together
+def test_soft_nms_of_many_classes_side_by_side_equals_the_original_loop(monkeypatch, group):
+    import rclip_core.roi_heads as RH
+
+    monkeypatch.setattr(RH, "_SOFT_NMS_GROUP", group)
+    g = torch.Generator().manual_seed(11)
+    boxes = _boxes(g, 60)
+    boxes[20:40] = boxes[:20] + torch.rand(20, 4, generator=g) * 3  # overlapping pairs
+    scores = torch.rand(60, generator=g) * 0.2
+    scores[::7] = 0.0009  # below the pruning threshold from the start
+    labels = torch.randint(0, 7, (60,), generator=g) * 3  # sparse class ids, uneven class sizes
+    idx, sc = soft_nms(boxes, scores, labels, sigma=0.5, prune=0.001)
+    ref = _soft_nms_reference(boxes, scores, labels, 0.5, 0.001)
+    ref.sort(key=lambda x: -x[1])
+    assert idx.tolist() == [i for i, _ in ref]
+    assert torch.allclose(sc, torch.tensor([s for _, s in ref], dtype=sc.dtype), atol=1e-7)
+
+
+def test_soft_nms_breaks_a_tie_for_the_earlier_box_as_the_serial_loop_does():
+    boxes = torch.tensor([[50., 50., 60., 60.], [0., 0., 10., 10.], [1., 0., 11., 10.]])
+    idx, sc = soft_nms(boxes, torch.tensor([0.1, 0.5, 0.5]), torch.tensor([1, 0, 0]))
+    assert idx.tolist() == [1, 2, 0] and sc[0] == 0.5 and sc[1] < 0.5  # box 1 kept at 0.5, box 2 decayed by it

@@ -20,9 +20,26 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor, nn
-from torchvision.models.detection.image_list import ImageList
 
 from rclip_core.errors import RclipError
+
+
+class ImageList:
+    """A padded batch and the size of each image before padding: the interface of torchvision's
+    ``models.detection.image_list.ImageList`` (which its RPN and anchor generator read), defined here so that the
+    zero-shot path never imports torchvision's Python package (see :mod:`rclip_core.tvops`).
+
+    Attributes:
+        tensors: (B, C, H, W) padded images.
+        image_sizes: B (h_i, w_i) before padding.
+    """
+
+    def __init__(self, tensors: Tensor, image_sizes: list[tuple[int, int]]) -> None:
+        self.tensors = tensors
+        self.image_sizes = image_sizes
+
+    def to(self, device: torch.device | str) -> ImageList:
+        return ImageList(self.tensors.to(device), self.image_sizes)
 
 
 def read_image(path: str | os.PathLike) -> Image.Image:
