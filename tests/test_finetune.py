@@ -62,6 +62,12 @@ def test_training_set_keeps_base_boxes_and_counts_negatives(toy):
     assert first.gt_boxes.shape == (0, 4)
     assert data.class_names == ["circle", "square", "triangle", "cross", "ring", "hexagon"]
     assert all(int(lab) < 6 for r in data.records for lab in r.gt_labels)  # contiguous training indices
+    # Each kept box's label names the category its annotation gives (in file order, novel boxes dropped).
+    names = {c["id"]: c["name"] for c in toy["data"]["categories"]}
+    for rec in data.records:
+        expected = [names[a["category_id"]] for a in toy["data"]["annotations"]
+                    if a["image_id"] == rec.id and a["category_id"] != NOVEL_ID]
+        assert [data.class_names[int(lab)] for lab in rec.gt_labels] == expected, rec.id
     named = load_training_set(_recipe(toy, "finetune.train_classes=circle,square").finetune)
     assert named.class_names == ["circle", "square"]
 

@@ -75,6 +75,9 @@ def test_region_losses_help_and_the_student_keeps_most_of_its_teachers_recogniti
 # Held on every seed: novel shapes are detected through their names (random embeddings in their place: 19.3 to 30.1
 # points less), and the detector is not below the zero-shot path with the original's raw-logit fusion on base or
 # novel shapes (+1.4 at the least). Not held: beating the zero-shot path with the same (sigmoid) fusion.
+# What this does not guard: the finetuning's learning itself. With every training label shifted by one class the test
+# still passed (tried): in 50 steps the toy detector moves little, and its gain over the raw-logit zero-shot path comes
+# from the fused objectness (README, finetune). Labels are guarded by tests/test_finetune.py.
 MIN_NOVEL_AP50_GAIN_OVER_RANDOM = 10.0
 MIN_AP50_GAIN_OVER_ZEROSHOT = 0.0
 
