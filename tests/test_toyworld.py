@@ -135,8 +135,7 @@ def test_demo_world_web_images_take_their_own_size_and_object_scale(tmp_path, we
 
     sets = ["toyworld.num_web=6", "toyworld.num_train=2", "toyworld.num_val=2", "toyworld.image_size=96",
             "toyworld.size_scale=1.0"]
-    if web_size is not None:
-        sets += [f"toyworld.web_image_size={web_size}", f"toyworld.web_size_scale={web_scale}"]
+    sets += [f"toyworld.web_image_size={web_size or 'null'}", f"toyworld.web_size_scale={web_scale or 'null'}"]
     world = make_world(load_recipe("demo_tiny_toyworld", sets), tmp_path, force=False)
     web = json.loads(world.web.instances_json.read_text())
     train = json.loads(world.train.instances_json.read_text())
