@@ -7,7 +7,8 @@ AP50 on the held-out scenes, base and novel shapes apart, of
 - **finetuned**: the detector naming all eight shapes by their text embeddings;
 - **(a) random novel**: the same detector with random unit vectors in place of the novel shapes' embeddings;
 - **(b) zero-shot RPN**: the pretrained student without finetuning, on the same RPN's proposals (the
-  ``rclip zeroshot --rpn`` path, the original's zero-shot settings, the same 100 proposals per image).
+  ``rclip zeroshot --rpn`` path, the original's zero-shot settings, the same 100 proposals per image), and the same
+  with the objectness fused as the toy detector's recipe fuses it (``zeroshot_rpn_sigmoid``).
 
     rclip demo --out runs/demo
     python benchmarks/toyworld_finetune.py --demo runs/demo --seeds 0 1 2 --out runs/toyworld_finetune
