@@ -204,7 +204,8 @@ def postprocess(boxes: Tensor, scores: Tensor, *, score_thresh: float, nms_thres
     if nms == "soft":
         from rclip_core.roi_heads import soft_nms
 
-        order, decayed = soft_nms(det_boxes, det_scores, labels, sigma=soft_nms_sigma, prune=soft_nms_prune)
+        order, decayed = soft_nms(det_boxes, det_scores, labels, sigma=soft_nms_sigma, prune=soft_nms_prune,
+                                  topk=max_dets)  # the loop stops once the best max_dets are known
         det_scores = det_scores.index_put((order,), decayed)
         order = order[:max_dets]
         return {"boxes": det_boxes[order], "scores": det_scores[order], "labels": labels[order]}

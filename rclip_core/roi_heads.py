@@ -146,8 +146,8 @@ def _pairwise_iou(b: np.ndarray) -> np.ndarray:
 _SOFT_NMS_GROUP = 8_000_000
 
 
-def soft_nms(boxes: Tensor, scores: Tensor, labels: Tensor, *, sigma: float = 0.5, prune: float = 0.001
-             ) -> tuple[Tensor, Tensor]:
+def soft_nms(boxes: Tensor, scores: Tensor, labels: Tensor, *, sigma: float = 0.5, prune: float = 0.001,
+             topk: int | None = None) -> tuple[Tensor, Tensor]:
     """Gaussian soft-NMS per class (Bodla et al. 2017; the original's test scripts, ``batched_soft_nms`` with
     method gaussian, σ 0.5, prune 0.001): repeatedly take the best remaining box of a class, decay the others of
     that class by exp(−IoU²/σ), drop those below ``prune``.
@@ -156,8 +156,15 @@ def soft_nms(boxes: Tensor, scores: Tensor, labels: Tensor, *, sigma: float = 0.
     pick for a group of classes at once (the largest class sets the number of steps), instead of one step per pick
     of every class; the same arithmetic per class (float64 decays of float32 IoUs), so the same result.
 
+    With ``topk`` only the first ``topk`` of that result are wanted (the detector keeps ``max_dets``), and the loop
+    stops early: a class's picks never rise (each pick is its class's highest remaining score, and decays only
+    lower the rest), so once ``topk`` picks score strictly above every class's next pick, no later pick can rank
+    among the first ``topk``, ties included (the first ``topk`` are the same rows with the same scores as without
+    ``topk``, cut).
+
     Args:
-        boxes: (N, 4); scores: (N,); labels: (N,) class of each row.
+        boxes: (N, 4); scores: (N,) finite; labels: (N,) class of each row.
+        topk: return at most this many (None: all).
 
     Returns:
         (indices into the inputs, their decayed scores), sorted by decayed score (highest first; ties in class
@@ -179,27 +186,36 @@ def soft_nms(boxes: Tensor, scores: Tensor, labels: Tensor, *, sigma: float = 0.
         rows = np.full((g, n), -1, dtype=np.int64)  # (G, n) input row of each slot, -1 = padding
         for j, c in enumerate(range(first, last)):
             rows[j, : counts[c]] = by_class[starts[c]:starts[c + 1]]
-        alive = rows >= 0
-        s = np.where(alive, s_all[rows], 0.0)
-        iou = _pairwise_iou(np.where(alive[..., None], b_all[rows], 0.0).astype(np.float32)).astype(np.float64)
-        picks = np.full((g, n), -1, dtype=np.int64)  # slot picked at each step, per class
-        picked = np.zeros((g, n))
+        # (G, n) remaining scores; -inf marks padding and rows picked or pruned (never the max of a running class)
+        s = np.where(rows >= 0, s_all[rows], -np.inf)
+        iou = _pairwise_iou(np.where((rows >= 0)[..., None], b_all[rows], 0.0).astype(np.float32)).astype(np.float64)
+        picks = np.zeros((g, n), dtype=np.int64)  # slot picked at each step, per class
+        picked = np.full((g, n), -np.inf)  # its score; -inf: the class had nothing left (never above a pick)
         lanes = np.arange(g)
         for step in range(n):
-            running = alive.any(axis=1)
-            if not running.any():
+            top = s.argmax(axis=1)  # (G,)
+            best = s[lanes, top]  # each class's pick of this step: no later pick of its class is higher
+            bound = best.max()
+            if bound == -np.inf:  # every class is done
                 break
-            top = np.where(alive, s, -1.0).argmax(axis=1)  # (G,)
-            picks[running, step] = top[running]
-            picked[running, step] = s[lanes, top][running]
-            alive[lanes, top] = False
-            s = s * np.exp(-iou[lanes, top] ** 2 / sigma)  # dead slots decay too, unread: never picked again
-            alive &= s > prune
-        done = picks >= 0  # class-major, pick order within: the order the serial loop appends in
+            # (step * g bounds the picks made so far: the count is only worth making once it can reach topk)
+            if topk is not None and step * g >= topk and np.count_nonzero(picked[:, :step] > bound) >= topk:
+                break
+            picks[:, step] = top
+            picked[:, step] = best
+            s[lanes, top] = -np.inf
+            decay = iou[lanes, top]  # (G, n), a copy: exp(-IoU² / σ) in place, the serial loop's steps
+            np.square(decay, out=decay)
+            np.negative(decay, out=decay)
+            np.divide(decay, sigma, out=decay)
+            np.exp(decay, out=decay)
+            s *= decay  # -inf stays -inf (or NaN against a padding row's 0/0 IoU, pruned next)
+            s = np.where(s > prune, s, -np.inf)
+        done = picked > -np.inf  # class-major, pick order within: the order the serial loop appends in
         keep_idx.append(rows[np.nonzero(done)[0], picks[done]])
         keep_scores.append(picked[done])
         first = last
     idx = torch.from_numpy(np.concatenate(keep_idx) if keep_idx else np.zeros(0, dtype=np.int64)).to(boxes.device)
     sc = torch.from_numpy(np.concatenate(keep_scores) if keep_scores else np.zeros(0)).to(scores)
-    order = sc.argsort(descending=True, stable=True)
+    order = sc.argsort(descending=True, stable=True)[:topk]
     return idx[order], sc[order]

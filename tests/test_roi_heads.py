@@ -256,3 +256,73 @@ def test_soft_nms_breaks_a_tie_for_the_earlier_box_as_the_serial_loop_does():
     boxes = torch.tensor([[50., 50., 60., 60.], [0., 0., 10., 10.], [1., 0., 11., 10.]])
     idx, sc = soft_nms(boxes, torch.tensor([0.1, 0.5, 0.5]), torch.tensor([1, 0, 0]))
     assert idx.tolist() == [1, 2, 0] and sc[0] == 0.5 and sc[1] < 0.5  # box 1 kept at 0.5, box 2 decayed by it
+
+
+def _tied_soft_nms_inputs(seed: int, n: int = 90, k: int = 5):
+    """Overlapping boxes in uneven classes with scores on a coarse grid, so that picks tie within and across
+    classes (where the early stop of ``topk`` must keep the serial order)."""
+    g = torch.Generator().manual_seed(seed)
+    boxes = _boxes(g, n)
+    boxes[n // 3: 2 * (n // 3)] = boxes[: n // 3] + torch.rand(n // 3, 4, generator=g) * 4
+    boxes[-5:] = boxes[:5]  # identical boxes: exact decay ties
+    scores = torch.randint(1, 9, (n,), generator=g).float() / 8
+    labels = torch.randint(0, k, (n,), generator=g) ** 2  # sparse ids, uneven class sizes
+    return boxes, scores, labels
+
+
+@pytest.mark.parametrize("group", [1, 400, 8_000_000])  # classes one at a time, a few together, all together
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_soft_nms_topk_is_the_full_result_cut_to_the_bit(monkeypatch, group, seed):
+    import rclip_core.roi_heads as RH
+
+    monkeypatch.setattr(RH, "_SOFT_NMS_GROUP", group)
+    boxes, scores, labels = _tied_soft_nms_inputs(seed)
+    idx, sc = soft_nms(boxes, scores, labels)
+    assert len(set(sc.tolist())) < sc.shape[0]  # the inputs do tie
+    for k in [0, 1, 2, 3, 7, 10, 25, 60, idx.shape[0], idx.shape[0] + 5]:
+        top_idx, top_sc = soft_nms(boxes, scores, labels, topk=k)
+        assert torch.equal(top_idx, idx[:k]) and torch.equal(top_sc, sc[:k]), k
+
+
+def test_soft_nms_topk_stops_the_loop_early(monkeypatch):
+    import numpy as np
+
+    import rclip_core.roi_heads as RH
+
+    calls = []
+    real_exp = np.exp
+    monkeypatch.setattr(RH.np, "exp", lambda *a, **kw: calls.append(1) or real_exp(*a, **kw))  # one decay per step
+    boxes, scores, labels = _tied_soft_nms_inputs(0)
+    soft_nms(boxes, scores, labels)
+    full = len(calls)
+    calls.clear()
+    soft_nms(boxes, scores, labels, topk=5)
+    assert 0 < len(calls) < full / 2
+
+
+def test_postprocess_soft_max_dets_cuts_the_full_soft_nms_result():
+    from rclip_core.detector import postprocess
+
+    boxes, _, _ = _tied_soft_nms_inputs(3, n=40)
+    scores = torch.rand(40, 6, generator=torch.Generator().manual_seed(3))
+    kw = dict(score_thresh=0.05, nms_thresh=0.5, nms="soft")
+    full = postprocess(boxes, scores, max_dets=10_000, **kw)
+    for k in [1, 9, 50]:
+        cut = postprocess(boxes, scores, max_dets=k, **kw)
+        assert all(torch.equal(cut[key], full[key][:k]) for key in ("boxes", "scores", "labels")), k
+
+
+def test_soft_nms_prunes_a_score_equal_to_the_threshold_and_handles_negative_scores():
+    boxes = torch.tensor([[0., 0., 10., 10.], [50., 50., 60., 60.], [1., 0., 11., 10.]])  # box 1 apart: no decay
+    idx, _ = soft_nms(boxes, torch.tensor([0.5, 0.001, 0.3], dtype=torch.float64), torch.zeros(3, dtype=torch.int64),
+                      prune=0.001)
+    assert idx.tolist() == [0, 2]  # 0.001 is not above the threshold (the original's ``score > prune``)
+    g = torch.Generator().manual_seed(5)
+    boxes = _boxes(g, 30)
+    scores = torch.rand(30, generator=g) - 0.5
+    labels = torch.randint(0, 3, (30,), generator=g)
+    idx, sc = soft_nms(boxes, scores, labels, sigma=0.5, prune=-1.0)
+    ref = _soft_nms_reference(boxes, scores, labels, 0.5, -1.0)
+    ref.sort(key=lambda x: -x[1])
+    assert idx.tolist() == [i for i, _ in ref]
+    assert torch.allclose(sc, torch.tensor([s for _, s in ref], dtype=sc.dtype), atol=1e-7)
