@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 import torch
 from torch import nn
@@ -19,16 +21,38 @@ from rclip_core.summary import RunSummary
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+_END = object()
+
+
+def read_ahead(batches: Iterable[T]) -> Iterator[T]:
+    """Yield ``batches`` in order while one background thread already fetches the next: decoding the next image
+    (PIL and torch release the GIL) overlaps the model's work on this one, without the start-up and transfer
+    costs of a loader worker process. An error of the source is raised where its item would have been yielded;
+    closing the generator early waits for the fetch in flight (at most one) and stops."""
+    it = iter(batches)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="rclip-read-ahead") as pool:
+        pending = pool.submit(next, it, _END)
+        while True:
+            item = pending.result()
+            if item is _END:
+                return
+            pending = pool.submit(next, it, _END)
+            yield item
+
 
 def iterate_images(dataset: Dataset, summary: RunSummary, *, batch_size: int = 1, num_workers: int = 0,
-                   strict: bool = False, progress: Callable[[int], None] | None = None):
+                   strict: bool = False, progress: Callable[[int], None] | None = None, prefetch: bool = True):
     """Yield lists of readable dataset items, batch by batch; unreadable ones are logged, counted in ``summary``
     (or raise with ``strict``). ``progress`` gets the number of images done after each batch. When the pass ends,
-    ``summary.seconds`` holds its wall time (the caller's work on each batch included)."""
+    ``summary.seconds`` holds its wall time (the caller's work on each batch included).
+
+    ``prefetch``: without loader workers, the next batch is read in a background thread (:func:`read_ahead`)
+    while the caller works on this one (loader workers prefetch by themselves)."""
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_list)
     start = time.perf_counter()
     done = 0
-    for batch in loader:
+    for batch in read_ahead(loader) if prefetch and num_workers == 0 else loader:
         done += len(batch)
         ok = []
         for item in batch:
@@ -48,13 +72,16 @@ def iterate_images(dataset: Dataset, summary: RunSummary, *, batch_size: int = 1
 
 def run_detection(detector: RegionDetector, dataset: Dataset, *, category_ids: list[int], batch_size: int = 1,
                   num_workers: int = 0, device: str | torch.device = "cpu", strict: bool = False,
-                  progress: Callable[[int], None] | None = None) -> tuple[list[dict], RunSummary]:
+                  progress: Callable[[int], None] | None = None, prefetch: bool = True
+                  ) -> tuple[list[dict], RunSummary]:
     """Detect on every image of a :class:`rclip_core.data.coco.DetectionDataset`.
 
     Args:
         category_ids: the dataset category id of each classifier row (K).
         strict: an unreadable image raises instead of being skipped and counted.
         progress: called with the number of images done after each batch.
+        prefetch: read the next batch in a background thread while this one is detected (see
+            :func:`iterate_images`); off: read it when it is needed.
 
     Returns:
         (COCO results records with boxes in original-image pixels, summary).
@@ -65,7 +92,7 @@ def run_detection(detector: RegionDetector, dataset: Dataset, *, category_ids: l
     results: list[dict] = []
     summary = RunSummary()
     for batch in iterate_images(dataset, summary, batch_size=batch_size, num_workers=num_workers, strict=strict,
-                                progress=progress):
+                                progress=progress, prefetch=prefetch):
         for item, det in zip(batch, detector.detect(batch)):
             summary.add_image(det["num_regions"], int(det["scores"].shape[0]))
             results.extend(to_coco_results(item["image_id"], det, item["scale"], category_ids))
