@@ -1,6 +1,7 @@
 """Reading the next image in a background thread while the detector works on this one
 (rclip_core.inference.read_ahead, iterate_images' ``prefetch``): the same items in the same order, errors where
-they were, an early stop that leaves no thread behind, and run_detection's records unchanged."""
+they were, an early stop that leaves no thread behind, and run_detection's records unchanged; and the
+image-to-tensor copy the reader makes."""
 
 from __future__ import annotations
 
@@ -156,3 +157,18 @@ def test_run_detection_reads_the_next_image_while_detecting_this_one(tmp_path, p
     results, summary = run_detection(Waiting(), Watched(), category_ids=[7, 9], prefetch=prefetch)
     assert summary.images == 5 and len(results) == 5
     assert readers == {prefetch}  # every image read in the background thread, or every one in the caller's
+
+
+@pytest.mark.parametrize("size", [(1, 1), (1, 7), (37, 23)])
+def test_uint8_tensor_is_channels_first_contiguous_and_writable(size):
+    import numpy as np
+
+    from rclip_core.data.transforms import to_uint8_tensor
+
+    w, h = size
+    pixels = np.random.default_rng(0).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    t = to_uint8_tensor(Image.fromarray(pixels))
+    assert t.dtype == torch.uint8 and t.shape == (3, h, w) and t.is_contiguous()
+    assert torch.equal(t, torch.from_numpy(pixels).permute(2, 0, 1))
+    t[0, 0, 0] = 255 - t[0, 0, 0]  # its own memory: writing raises no error and leaves the image alone
+    assert int(t[0, 0, 0]) != int(pixels[0, 0, 0])
