@@ -3,8 +3,9 @@
 train ours = ``rclip_core.engine.train`` running the finetune stage (``finetune.compute_losses``): step sampler,
              DataLoader, loss bookkeeping, all-reduce of the logged values, LR schedule, metrics records;
 train bare = the same model, optimizer and batches (decoded by the same dataset): forward, losses, backward, step;
-infer ours = ``rclip_core.inference.run_detection`` with the finetuned detector (RPN, RoI heads, box regression,
-             gaussian soft-NMS, COCO records in original pixels);
+infer ours = ``rclip_core.inference.run_detection`` with the finetuned detector (images decoded from disk, the next
+             one in a background thread; RPN, RoI heads, box regression, gaussian soft-NMS, COCO records in
+             original pixels); the model is the bare side's, unprepared (no inference-only rewrite);
 infer bare = ``detector(batch)`` (RPN + RoI heads, the same items prepared beforehand), no post-processing.
 
 Both paths run interleaved in one process, several repeats, best of each. Random weights, generated toy-world
