@@ -3,10 +3,15 @@
 train ours = ``rclip_core.engine.train`` running the finetune stage (``finetune.compute_losses``): step sampler,
              DataLoader, loss bookkeeping, all-reduce of the logged values, LR schedule, metrics records;
 train bare = the same model, optimizer and batches (decoded by the same dataset): forward, losses, backward, step;
-infer ours = ``rclip_core.inference.run_detection`` with the finetuned detector (images decoded from disk, the next
-             one in a background thread; RPN, RoI heads, box regression, gaussian soft-NMS, COCO records in
-             original pixels); the model is the bare side's, unprepared (no inference-only rewrite);
-infer bare = ``detector(batch)`` (RPN + RoI heads, the same items prepared beforehand), no post-processing.
+infer ours = ``rclip_core.inference.run_detection`` with the finetuned detector prepared as ``rclip zeroshot``
+             and ``rclip visualize`` prepare it (``zeroshot.run_zeroshot``: batch norms folded into the
+             convolutions, channels-last weights), images decoded from disk (the next one in a background
+             thread), RPN, RoI heads, box regression, gaussian soft-NMS, COCO records in original pixels: what
+             the command does per image;
+infer bare = ``detector(batch)`` on the detector as built (RPN + RoI heads, the same items prepared beforehand), no
+             post-processing;
+infer overhead line = ours against a bare forward of the same *prepared* detector: the cost of the loop alone
+             (decoding, post-processing, records), with the preparation's gain taken out.
 
 Both paths run interleaved in one process, several repeats, best of each. Random weights, generated toy-world
 images (128 px, tiny) or 640 px images (RN50).
@@ -80,13 +85,18 @@ def train_bare(stage, recipe) -> float:
     return cfg.steps / (time.perf_counter() - start)
 
 
-def detector_of(stage, recipe):
+def detector_of(stage, recipe, *, prepared: bool = False):
+    """The finetuned detector, on its own copy of the weights; ``prepared``: as ``rclip zeroshot`` runs it."""
+    from rclip_core.clip_backbone import prepare_for_inference
     from rclip_core.finetune import DetectorParts, build_detector
 
     w = stage.model.weights
+    clip = copy.deepcopy(w.clip)
+    if prepared:
+        prepare_for_inference(clip, fold_bn=recipe.zeroshot.fold_bn, channels_last=recipe.zeroshot.channels_last)
     parts = DetectorParts(w.classifier.class_embeddings, [], w.classifier.bg_embedding.detach(),
                           {k: v.detach() for k, v in w.box_regressor.state_dict().items()}, {})
-    return build_detector(w.clip, w.classifier.class_embeddings, recipe, stage.model.detector.proposal_generator,
+    return build_detector(clip, w.classifier.class_embeddings, recipe, stage.model.detector.proposal_generator,
                           parts).eval()
 
 
@@ -120,13 +130,14 @@ def main() -> None:
         from rclip_core.data.coco import DetectionDataset
 
         recipe, stage, world = setup(Path(tmp), args.variant, n_images, steps, batch)
-        detector = detector_of(stage, recipe)
+        detector, prepared = detector_of(stage, recipe), detector_of(stage, recipe, prepared=True)
         dataset = DetectionDataset(stage.training_set.records, world.images_dir, min_sizes=recipe.input.min_size,
                                    max_size=recipe.input.max_size)
         items = [dataset[i] for i in range(len(dataset))]
         infer_bare(detector, items[:1])  # warm-up
+        infer_bare(prepared, items[:1])
         k = detector.classifier.num_classes
-        t_ours, t_bare, i_ours, i_bare = [], [], [], []
+        t_ours, t_bare, i_ours, i_bare, i_bare_prepared = [], [], [], [], []
         print(f"# load {os.getloadavg()[0]:.2f}", flush=True)
         for i in range(max(repeats, infer_repeats)):
             if args.skip != "train" and i < repeats:
@@ -134,14 +145,17 @@ def main() -> None:
                 t_ours.append(train_ours(stage, recipe))
             if args.skip != "infer" and i < infer_repeats:
                 i_bare.append(infer_bare(detector, items))
-                i_ours.append(infer_ours(detector, dataset, k))
+                i_ours.append(infer_ours(prepared, dataset, k))
+                i_bare_prepared.append(infer_bare(prepared, items))
         name = args.variant.lower()
         if t_ours:
             print(bench_line(f"finetune_train_{name}", max(t_ours), max(t_bare), "it/s")
                   + f"  [batch {batch}, {steps} steps/run, best of {repeats}]")
         if i_ours:
             print(bench_line(f"finetune_infer_{name}", max(i_ours), max(i_bare), "img/s")
-                  + f"  [{len(items)} images, best of {infer_repeats}]")
+                  + f"  [{len(items)} images, best of {infer_repeats}; the command's path vs a bare forward]")
+            print(bench_line(f"finetune_infer_{name}_overhead", max(i_ours), max(i_bare_prepared), "img/s")
+                  + f"  [{len(items)} images, best of {infer_repeats}; both prepared: the loop's cost alone]")
         print(f"# load {os.getloadavg()[0]:.2f} at the end", flush=True)
 
 
