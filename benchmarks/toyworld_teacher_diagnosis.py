@@ -4,7 +4,8 @@ On one seed's run of ``benchmarks/toyworld_pretraining.py`` (its folder holds th
 concept pool), the teacher's zero-shot GT-box accuracy (the path of ``rclip zeroshot --gt-boxes``):
 
 - on its own single-object web images at the size it trained on (64 px) and at the scenes' size (128 px);
-- on the training and held-out scenes' GT boxes (128 px, as the demo evaluates);
+- on the training and held-out scenes' GT boxes (128 px, as the demo evaluates), the held-out ones also by the
+  number of objects in the scene;
 
 and its pseudo labels on the training scenes' GT boxes, as pretraining makes them (``pseudo_labels`` over the
 concept pool at the student recipe's teacher temperature): how often the best concept is the box's shape, among
@@ -17,6 +18,23 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+
+
+def by_object_count(gt_json: Path, dets_json: Path) -> None:
+    """The held-out accuracy again, split by how many objects share the scene."""
+    from collections import Counter
+
+    from rclip_core.evaluation import gt_box_accuracy
+    from rclip_core.io import read_json
+
+    gt, dets = read_json(gt_json), read_json(dets_json)
+    count = Counter(a["image_id"] for a in gt["annotations"])
+    for lo, hi, label in ((1, 1, "1 object"), (2, 2, "2 objects"), (3, 3, "3 objects"), (4, 99, "4 or more")):
+        ids = {i for i, n in count.items() if lo <= n <= hi}
+        sub = {**gt, "images": [im for im in gt["images"] if im["id"] in ids],
+               "annotations": [a for a in gt["annotations"] if a["image_id"] in ids]}
+        acc = gt_box_accuracy(sub, [d for d in dets if d["image_id"] in ids])
+        print(f"  held-out scenes with {label}: {100 * acc['accuracy']:.1f} % of {acc['num_boxes']} boxes", flush=True)
 
 
 def main() -> None:
@@ -48,6 +66,7 @@ def main() -> None:
 
     for split, size in (("web", 64), ("web", 128), ("train", 128), ("val", 128)):
         print(f"teacher GT-box accuracy, {split} images at {size} px: {accuracy(split, size):.1f} %", flush=True)
+    by_object_count(world / "instances_val.json", out / "dets_val_128.json")
 
     clip = create_clip(None, teacher).eval()
     concepts = load_embeddings(args.run / "concepts.pt")
