@@ -26,6 +26,7 @@ The bounds sit below the smallest margin over the runs, so one seed's luck does 
 from __future__ import annotations
 
 import contextlib
+import copy
 
 import pytest
 
@@ -61,6 +62,41 @@ def test_region_losses_help_and_the_student_keeps_most_of_its_teachers_recogniti
     assert 100 * (teacher.accuracy - full.accuracy) <= MAX_ACC_DROP_FROM_TEACHER, (teacher, full)
     assert full.accuracy > 2 * full.chance
 
+
+
+# The paper's claim with the student's own recipe (pretrain_tiny_toyworld: 600 steps at lr 0.01, where the demo runs
+# 150 at 0.002). Measured with `python benchmarks/toyworld_pretraining.py --seeds 0 1 2 3 4 --variants full`,
+# teacher -> student, AP50 base / novel and accuracy % base / novel:
+#
+#     seed   AP50 base     AP50 novel    acc base      acc novel
+#     0      54.1 -> 62.7  61.0 -> 62.8  65.2 -> 59.9  61.0 -> 57.0
+#     1      47.1 -> 63.3  49.5 -> 67.2  61.8 -> 64.0  52.4 -> 68.3
+#     2      40.6 -> 48.4  35.5 -> 46.9  45.4 -> 51.1  52.7 -> 57.0
+#     3      37.7 -> 44.6  41.6 -> 54.3  52.3 -> 51.6  48.9 -> 55.7
+#     4      53.6 -> 59.0  52.3 -> 66.2  58.5 -> 62.6  70.1 -> 69.0
+#
+# Held on every seed (3 and 4 measured after the recipe was set on 0-2): AP50 up on base shapes (+5.3 to +16.2) and on
+# novel ones (+1.8 to +17.7; seed 0, the one run here, has the smallest margin). Not held: accuracy (seed 0: 4.9
+# points down overall, 5.2 base, 4.0 novel), so it is only checked not to fall far.
+MIN_AP50_BASE_GAIN = 4.0
+MIN_AP50_NOVEL_GAIN = 0.0
+MAX_ACC_DROP_FULL_RECIPE = 8.0
+
+
+def test_student_of_the_full_recipe_beats_its_teacher_in_ap50_on_base_and_novel_shapes(demo_run, tmp_path):
+    recipe, result = demo_run
+    out = result.out
+    teacher = result.scores["teacher"]
+    recipe = copy.deepcopy(recipe)  # the fixture's is shared
+    recipe.demo.student_set = []  # the student's own recipe, not the demo's shortened one
+    world = make_world(recipe, out, force=True)
+    ckpt = train_student(recipe, world, tmp_path / "full", teacher=out / "teacher" / "checkpoint.pt",
+                         concepts=out / "concepts.pt", rpn=out / "rpn" / "checkpoint.pt", device="cpu",
+                         bar=lambda description, total: contextlib.nullcontext(None))
+    _, student = evaluate_model(ckpt, recipe, world, tmp_path / "dets_full.json", device="cpu")
+    assert student.ap50_base - teacher.ap50_base >= MIN_AP50_BASE_GAIN, (teacher, student)
+    assert student.ap50_novel - teacher.ap50_novel >= MIN_AP50_NOVEL_GAIN, (teacher, student)
+    assert 100 * (teacher.accuracy - student.accuracy) <= MAX_ACC_DROP_FULL_RECIPE, (teacher, student)
 
 # Finetuning (issue 9's toy proof, as far as it was measured to hold). Measured with
 # `python benchmarks/toyworld_finetune.py --demo runs/ablation/seedN --init runs/ablation/seedN/student_full/
