@@ -1,4 +1,4 @@
-"""Open-vocabulary transfer on the toy world (README "Toy-world proof"; issue: `rclip finetune`, item 6).
+"""Open-vocabulary transfer on the toy world (README "finetune"; issue: `rclip finetune`, item 6).
 
 From an ``rclip demo --out DEMO`` run (its toy world, region-pretrained student and base-shape RPN), per seed: the
 detector finetuned on the base shapes' boxes only (``finetune_tiny_toyworld``, ``finetune.seed`` = the seed), then
@@ -12,6 +12,13 @@ AP50 on the held-out scenes, base and novel shapes apart, of
 
     rclip demo --out runs/demo
     python benchmarks/toyworld_finetune.py --demo runs/demo --seeds 0 1 2 --out runs/toyworld_finetune
+
+The README's numbers start from the full pretraining recipe's student instead of the demo's shortened one (``--init``),
+one toy-world seed at a time:
+
+    python benchmarks/toyworld_pretraining.py --seeds 0 1 2 --variants full --out runs/claim
+    python benchmarks/toyworld_finetune.py --demo runs/claim/seed0 --init runs/claim/seed0/student_full/checkpoint.pt \
+        --seeds 0
 
 Prints one ``RESULT`` line per (seed, model) and a mean ± spread table (the spread covers the finetuning's
 randomness; the pretraining chain is the demo's one run). A few minutes per seed on 2 CPU cores.

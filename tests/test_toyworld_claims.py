@@ -1,12 +1,13 @@
 """Region pretraining and finetuning on the toy world, at full length (issues 8 and 9: their claims, checked as far
-as they were measured to hold; finetuning's measurements are beside its test).
+as they were measured to hold; each test's measurements are beside it or below).
 
-Runs ``rclip demo``'s default chain (toy world, teacher, concept pool, RPN, student; toy-world seed 0) and a second
-student trained with the image-text loss alone, and scores all three on the path ``rclip zeroshot --gt-boxes`` +
-``rclip eval`` ship. Several minutes on 2 CPU cores, hence ``slow``.
+Runs ``rclip demo``'s default chain once (toy world, teacher, concept pool, RPN, the demo's shortened student;
+toy-world seed 0), then a student trained with the image-text loss alone at the demo's budget, a student trained
+with its own recipe (600 steps) and a detector finetuned from the latter, all scored on the path
+``rclip zeroshot --gt-boxes`` / ``--rpn`` + ``rclip eval`` ship. About ten minutes on 2 CPU cores, hence ``slow``.
 
-Measured with ``python benchmarks/toyworld_pretraining.py --seeds 0 1 2 --variants imgtxt full`` (the same chain
-and recipes), held-out GT-box accuracy % / COCO AP50:
+At the demo's budget, measured with ``python benchmarks/toyworld_pretraining.py --seeds 0 1 2 --variants imgtxt full
+--demo-budget`` (the same chain and recipes), held-out GT-box accuracy % / COCO AP50:
 
     seed   teacher       image-text only   full student (the demo's)
     0      64.0 / 55.8   46.9 / 33.7       60.5 / 53.3
@@ -18,8 +19,7 @@ and recipes), held-out GT-box accuracy % / COCO AP50:
 What held in all nine runs, and is checked here:
 - the full student (distillation + concept contrastive + image-text) is not behind the image-text-only one
   (+0.6 to +20.0 points; on seed 2 of the current toy world only +0.6);
-- the full student keeps most of its teacher's recognition (at worst 3.5 points lower). It does not reliably beat
-  its teacher overall (it does on novel shapes): see the README's toy-world section.
+- the full student keeps most of its teacher's recognition (at worst 3.5 points lower).
 The bounds sit below the smallest margin over the runs, so one seed's luck does not decide them.
 """
 
@@ -83,54 +83,64 @@ MIN_AP50_NOVEL_GAIN = 0.0
 MAX_ACC_DROP_FULL_RECIPE = 8.0
 
 
-def test_student_of_the_full_recipe_beats_its_teacher_in_ap50_on_base_and_novel_shapes(demo_run, tmp_path):
+@pytest.fixture(scope="module")
+def full_student(demo_run, tmp_path_factory):
+    """A student of the demo's teacher trained with its own recipe (600 steps; the demo's is shortened), once."""
     recipe, result = demo_run
     out = result.out
-    teacher = result.scores["teacher"]
     recipe = copy.deepcopy(recipe)  # the fixture's is shared
     recipe.demo.student_set = []  # the student's own recipe, not the demo's shortened one
     world = make_world(recipe, out, force=True)
-    ckpt = train_student(recipe, world, tmp_path / "full", teacher=out / "teacher" / "checkpoint.pt",
+    return train_student(recipe, world, tmp_path_factory.mktemp("full"), teacher=out / "teacher" / "checkpoint.pt",
                          concepts=out / "concepts.pt", rpn=out / "rpn" / "checkpoint.pt", device="cpu",
                          bar=lambda description, total: contextlib.nullcontext(None))
-    _, student = evaluate_model(ckpt, recipe, world, tmp_path / "dets_full.json", device="cpu")
+
+
+def test_student_of_the_full_recipe_beats_its_teacher_in_ap50_on_base_and_novel_shapes(demo_run, full_student,
+                                                                                        tmp_path):
+    recipe, result = demo_run
+    teacher = result.scores["teacher"]
+    world = make_world(recipe, result.out, force=True)
+    _, student = evaluate_model(full_student, recipe, world, tmp_path / "dets_full.json", device="cpu")
     assert student.ap50_base - teacher.ap50_base >= MIN_AP50_BASE_GAIN, (teacher, student)
     assert student.ap50_novel - teacher.ap50_novel >= MIN_AP50_NOVEL_GAIN, (teacher, student)
     assert 100 * (teacher.accuracy - student.accuracy) <= MAX_ACC_DROP_FULL_RECIPE, (teacher, student)
 
-# Finetuning (issue 9's toy proof, as far as it was measured to hold). Measured with
-# `python benchmarks/toyworld_finetune.py --demo runs/ablation/seedN --init runs/ablation/seedN/student_full/
-# checkpoint.pt --seeds N` for N = 0, 1, 2 (the demo's chain per seed, then finetune_tiny_toyworld), AP50 base / novel
-# on the held-out scenes:
+
+# Finetuning (issue 9's toy proof, as far as it was measured to hold), from the full recipe's student. Measured with
+# `python benchmarks/toyworld_finetune.py --demo runs/claim/seedN --init runs/claim/seedN/student_full/checkpoint.pt
+# --seeds N` for N = 0, 1, 2 (after the five-seed pretraining command above; then finetune_tiny_toyworld), AP50 base /
+# novel on the held-out scenes:
 #
 #     seed   finetuned     random novel embeddings   zero-shot RPN path (raw logit)   (sigmoid fusion)
-#     0      22.7 / 30.7   21.2 / 0.5                10.6 / 16.5                      19.3 / 24.5
-#     1      17.2 / 20.1   19.3 / 0.8                15.8 / 18.7                      23.7 / 28.2
-#     2      17.5 / 27.3   17.4 / 3.7                10.9 / 15.6                      18.9 / 25.9
+#     0      27.5 / 27.3   25.1 / 5.9                11.9 / 15.1                      21.4 / 21.1
+#     1      29.3 / 31.8   26.9 / 6.7                17.3 / 17.7                      25.7 / 28.5
+#     2      26.1 / 28.6   24.9 / 2.7                12.7 / 16.9                      23.2 / 26.6
 #
-# Held on every seed: novel shapes are detected through their names (random embeddings in their place: 19.3 to 30.1
-# points less), and the detector is not below the zero-shot path with the original's raw-logit fusion on base or
-# novel shapes (+1.4 at the least). Not held: beating the zero-shot path with the same (sigmoid) fusion.
-# What this does not guard: the finetuning's learning itself. With every training label shifted by one class the test
-# still passed (tried): in 50 steps the toy detector moves little, and its gain over the raw-logit zero-shot path comes
-# from the fused objectness (README, finetune). Labels are guarded by tests/test_finetune.py.
+# Held on every seed: novel shapes are detected through their names (random embeddings in their place: 21.4 to 25.9
+# points less); the detector is above the zero-shot path with the original's raw-logit fusion (+11.7 at the least) and
+# with the same sigmoid fusion (+2.0 at the least) on base and novel shapes. (From the demo's shortened student it
+# was not above the sigmoid-fused path on two seeds of three, and with every training label shifted by one class
+# the raw-logit check still passed; labels are guarded by tests/test_finetune.py.)
 MIN_NOVEL_AP50_GAIN_OVER_RANDOM = 10.0
-MIN_AP50_GAIN_OVER_ZEROSHOT = 0.0
+MIN_AP50_GAIN_OVER_ZEROSHOT_RAW = 5.0
+MIN_AP50_GAIN_OVER_ZEROSHOT_SIGMOID = 0.0
 
 
-def test_finetuned_detector_finds_novel_shapes_by_name(demo_run, tmp_path):
+def test_finetuned_detector_finds_novel_shapes_by_name(demo_run, full_student, tmp_path):
     from rclip_core.demo import detect_shapes, existing_world, train_toy_detector
 
     _, result = demo_run
-    out = result.out
-    world = existing_world(out)
-    rpn, student = out / "rpn" / "checkpoint.pt", out / "student" / "checkpoint.pt"
-    det = train_toy_detector(world, tmp_path / "det", student=student, rpn=rpn, seed=0)
+    world = existing_world(result.out)
+    rpn = result.out / "rpn" / "checkpoint.pt"
+    det = train_toy_detector(world, tmp_path / "det", student=full_student, rpn=rpn, seed=0)
     finetuned = detect_shapes(det, world, rpn=rpn, recipe_name="finetune_tiny_toyworld")
     random_novel = detect_shapes(det, world, rpn=rpn, recipe_name="finetune_tiny_toyworld", random_novel_seed=0)
-    zeroshot = detect_shapes(student, world, rpn=rpn, recipe_name="demo_tiny_toyworld",
-                             overrides=["zeroshot.num_proposals=100"])
     assert finetuned["ap50_novel"] - random_novel["ap50_novel"] >= MIN_NOVEL_AP50_GAIN_OVER_RANDOM, (
         finetuned, random_novel)
-    for split in ("ap50_base", "ap50_novel"):
-        assert finetuned[split] - zeroshot[split] >= MIN_AP50_GAIN_OVER_ZEROSHOT, (split, finetuned, zeroshot)
+    for fusion, bound in (("raw_logit", MIN_AP50_GAIN_OVER_ZEROSHOT_RAW),
+                          ("sigmoid", MIN_AP50_GAIN_OVER_ZEROSHOT_SIGMOID)):
+        zeroshot = detect_shapes(full_student, world, rpn=rpn, recipe_name="demo_tiny_toyworld",
+                                 overrides=["zeroshot.num_proposals=100", f"zeroshot.score_fusion={fusion}"])
+        for split in ("ap50_base", "ap50_novel"):
+            assert finetuned[split] - zeroshot[split] >= bound, (fusion, split, finetuned, zeroshot)
