@@ -20,6 +20,7 @@ def test_demo_runs_the_whole_chain_on_a_tiny_world(tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert 0.0 <= metrics["teacher"]["accuracy"] <= 1.0 and 0.0 <= metrics["student"]["accuracy"] <= 1.0
     assert "teacher" in res.output and "student" in res.output  # the side-by-side table
+    assert "demo.student_set (pretrain.batch_size=4)" in res.output  # a shortened student is said to be one
     # the student checkpoint is an ordinary CLIP checkpoint that selects its own variant
     from rclip_core.clip_backbone import create_clip
 
