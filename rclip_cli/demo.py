@@ -34,7 +34,7 @@ def demo(out: Path, steps: int | None, force: bool, recipe_path: str | None, ove
 
     By default the student trains a quarter of its recipe's budget (demo.student_set: 150 steps at lr 0.002), so
     that the demo takes about four minutes on 2 CPU cores; it then stays level with its teacher. With --set
-    'demo.student_set=[]' it trains as pretrain_tiny_toyworld says (600 steps at lr 0.01, about six and a half
+    'demo.student_set=[]' it trains as pretrain_tiny_toyworld says (600 steps at lr 0.01, about five and a half
     minutes in all), where students beat their teachers in AP50 (README, "The toy world").
     """
     from rclip_core.demo import check_demo, check_demo_recipe, run_demo
