@@ -30,7 +30,7 @@ import copy
 
 import pytest
 
-from rclip_core.demo import evaluate_model, make_world, run_demo, train_student
+from rclip_core.demo import evaluate_model, existing_world, run_demo, train_student
 from rclip_core.recipes import load_recipe
 
 pytestmark = pytest.mark.slow
@@ -52,7 +52,7 @@ def test_region_losses_help_and_the_student_keeps_most_of_its_teachers_recogniti
     recipe, result = demo_run
     out = result.out
     teacher, full = result.scores["teacher"], result.scores["student"]
-    world = make_world(recipe, out, force=True)  # the same files again (seeded), for the extra student
+    world = existing_world(out)  # the demo's toy world, for the extra student
     ckpt = train_student(recipe, world, tmp_path / "imgtxt", teacher=out / "teacher" / "checkpoint.pt",
                          concepts=out / "concepts.pt", rpn=out / "rpn" / "checkpoint.pt", device="cpu",
                          bar=lambda description, total: contextlib.nullcontext(None),
@@ -90,7 +90,7 @@ def full_student(demo_run, tmp_path_factory):
     out = result.out
     recipe = copy.deepcopy(recipe)  # the fixture's is shared
     recipe.demo.student_set = []  # the student's own recipe, not the demo's shortened one
-    world = make_world(recipe, out, force=True)
+    world = existing_world(out)
     return train_student(recipe, world, tmp_path_factory.mktemp("full"), teacher=out / "teacher" / "checkpoint.pt",
                          concepts=out / "concepts.pt", rpn=out / "rpn" / "checkpoint.pt", device="cpu",
                          bar=lambda description, total: contextlib.nullcontext(None))
@@ -100,7 +100,7 @@ def test_student_of_the_full_recipe_beats_its_teacher_in_ap50_on_base_and_novel_
                                                                                         tmp_path):
     recipe, result = demo_run
     teacher = result.scores["teacher"]
-    world = make_world(recipe, result.out, force=True)
+    world = existing_world(result.out)
     _, student = evaluate_model(full_student, recipe, world, tmp_path / "dets_full.json", device="cpu")
     assert student.ap50_base - teacher.ap50_base >= MIN_AP50_BASE_GAIN, (teacher, student)
     assert student.ap50_novel - teacher.ap50_novel >= MIN_AP50_NOVEL_GAIN, (teacher, student)
@@ -128,7 +128,7 @@ MIN_AP50_GAIN_OVER_ZEROSHOT_SIGMOID = 0.0
 
 
 def test_finetuned_detector_finds_novel_shapes_by_name(demo_run, full_student, tmp_path):
-    from rclip_core.demo import detect_shapes, existing_world, train_toy_detector
+    from rclip_core.demo import detect_shapes, train_toy_detector
 
     _, result = demo_run
     world = existing_world(result.out)
