@@ -120,8 +120,11 @@ def test_student_of_the_full_recipe_beats_its_teacher_in_ap50_on_base_and_novel_
 # Held on every seed: novel shapes are detected through their names (random embeddings in their place: 21.4 to 25.9
 # points less); the detector is above the zero-shot path with the original's raw-logit fusion (+11.7 at the least) and
 # with the same sigmoid fusion (+2.0 at the least) on base and novel shapes. (From the demo's shortened student it
-# was not above the sigmoid-fused path on two seeds of three, and with every training label shifted by one class
-# the raw-logit check still passed; labels are guarded by tests/test_finetune.py.)
+# was not above the sigmoid-fused path on two seeds of three.)
+# What this does not guard: the class labels. With every training label shifted by one class (tried on seed 0) the
+# detector scores 26.5 / 25.2 and passes every check here: the toy finetuning's gain over zero-shot comes mostly from
+# adapting the encoder to the scenes and from soft-NMS, not from the names. Labels are guarded box by box by
+# tests/test_finetune.py.
 MIN_NOVEL_AP50_GAIN_OVER_RANDOM = 10.0
 MIN_AP50_GAIN_OVER_ZEROSHOT_RAW = 5.0
 MIN_AP50_GAIN_OVER_ZEROSHOT_SIGMOID = 0.0
