@@ -9,7 +9,9 @@ concept pool), the teacher's zero-shot GT-box accuracy (the path of ``rclip zero
 
 and its pseudo labels on the training scenes' GT boxes, as pretraining makes them (``pseudo_labels`` over the
 concept pool at the student recipe's teacher temperature): how often the best concept is the box's shape, among
-confident regions too, and how often it is no shape at all (a colour, "photo", ...).
+confident regions too, and how often it is no shape at all (a colour, "photo", ...); and how often with
+``pretrain.caption_concepts`` (the teacher choosing among the concepts one caption of the image mentions; every
+caption of the image counted once), by the number of objects in the scene.
 
     python benchmarks/toyworld_teacher_diagnosis.py runs/ablation/seed0 [--seed 0]
 """
@@ -17,6 +19,7 @@ confident regions too, and how often it is no shape at all (a colour, "photo", .
 from __future__ import annotations
 
 import argparse
+from collections import Counter
 from pathlib import Path
 
 
@@ -44,7 +47,8 @@ def main() -> None:
     from rclip_core.data.coco import DetectionDataset, load_detection_annotations
     from rclip_core.data.transforms import clip_normalizer
     from rclip_core.demo import score, zero_shot_on
-    from rclip_core.pseudo_labels import pseudo_labels
+    from rclip_core.io import read_json
+    from rclip_core.pseudo_labels import CaptionConcepts, pseudo_labels
     from rclip_core.recipes import load_recipe
     from rclip_core.text_embed import load_embeddings
 
@@ -77,15 +81,31 @@ def main() -> None:
     trunk = CLIPTrunk(clip.visual)
     head = RegionHead(clip.visual.layer4, clip.visual.attnpool, pooler_resolution=pooler_resolution_for("tiny"))
     right = confident = confident_right = no_shape = total = 0
+
+    caps = read_json(world / "captions_train.json")
+    file_of = {im["id"]: im["file_name"] for im in caps["images"]}
+    captions_of: dict[str, list[str]] = {}
+    for a in caps["annotations"]:
+        captions_of.setdefault(file_of[a["image_id"]], []).append(a["caption"])
+    matcher = CaptionConcepts(concepts.names)
+    cap_right, cap_total = Counter(), Counter()
     with torch.inference_mode():
         for i in range(len(data)):
             item = data[i]
             if item["image"] is None or not len(item["boxes"]):
                 continue
             regions = head(trunk(normalise([item["image"]]).tensors), [item["boxes"].float()])
-            pl = pseudo_labels(regions, concepts.embeddings, temperature=student.pretrain.teacher_temperature,
-                               threshold=0.0)
+            tau = student.pretrain.teacher_temperature
+            pl = pseudo_labels(regions, concepts.embeddings, temperature=tau, threshold=0.0)
             best_p = pl.teacher_probs.max(dim=1).values
+            n_obj = min(len(item["boxes"]), 4)
+            for caption in captions_of[Path(records[i].file_name).name]:
+                allowed = matcher.mask([caption]).expand(len(item["boxes"]), -1)
+                restricted = pseudo_labels(regions, concepts.embeddings, temperature=tau, threshold=0.0,
+                                           allowed=allowed)
+                for label, target in zip(item["labels"].tolist(), restricted.targets.tolist()):
+                    cap_total[n_obj] += 1
+                    cap_right[n_obj] += concepts.names[target] == shape[label]
             for label, target, p in zip(item["labels"].tolist(), pl.targets.tolist(), best_p.tolist()):
                 name = concepts.names[target]
                 total += 1
@@ -97,6 +117,11 @@ def main() -> None:
     print(f"pseudo labels of {total} training-scene GT boxes: {100 * right / total:.1f} % name the box's shape; "
           f"{100 * confident_right / max(confident, 1):.1f} % of the {confident} with p > 0.9; "
           f"{100 * no_shape / total:.1f} % name no shape at all")
+    scenes = ("1 object", "2 objects", "3 objects", "4 or more")
+    by_count = ", ".join(f"{100 * cap_right[n] / cap_total[n]:.1f} % with {scenes[n - 1]}"
+                         for n in sorted(cap_total))
+    print(f"pseudo labels restricted to one caption's concepts (pretrain.caption_concepts): "
+          f"{100 * sum(cap_right.values()) / sum(cap_total.values()):.1f} % name the box's shape ({by_count})")
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ from rclip_core.clip_backbone import CLIPRegionEncoder, CLIPTrunk, RegionHead, p
 from rclip_core.data.transforms import ImageNormalizer, clip_normalizer
 from rclip_core.errors import RclipError
 from rclip_core.losses import concept_contrastive, image_text_contrastive, region_distillation
-from rclip_core.pseudo_labels import pseudo_labels
+from rclip_core.pseudo_labels import CaptionConcepts, pseudo_labels
 from rclip_core.recipes import PretrainCfg, Recipe, recipe_to_dict
 from rclip_core.text_encoder import TextEncoder
 
@@ -69,6 +69,7 @@ class PretrainOutputs:
     caption_codes: Tensor  # (B,) int64 hash of each caption (same text, same code)
     student_regions: Tensor | None  # (R, D)
     teacher_regions: Tensor | None  # (R, D)
+    allowed: Tensor | None = None  # (R, K) bool: concepts each region's caption mentions (caption_concepts)
 
 
 class PretrainModel(nn.Module):
@@ -84,11 +85,12 @@ class PretrainModel(nn.Module):
         teacher: the frozen teacher's region encoder, or None (image-text only).
         concepts: (K, D) concept embeddings of the teacher's text tower (the pseudo labels' and the student's pool).
         rpn: a frozen proposal generator (``detector.RPNProposals``) when items carry no cached proposals.
+        caption_concepts: with ``cfg.caption_concepts``, the matcher of captions to the pool's concepts.
     """
 
     def __init__(self, student: nn.Module, *, cfg: PretrainCfg, pooler_resolution: int, transform: ImageNormalizer,
                  tokenizer, teacher: CLIPRegionEncoder | None = None, concepts: Tensor | None = None,
-                 rpn: nn.Module | None = None) -> None:
+                 rpn: nn.Module | None = None, caption_concepts: CaptionConcepts | None = None) -> None:
         super().__init__()
         if (teacher is None) != (concepts is None):
             raise ValueError("a teacher needs a concept pool and a concept pool needs a teacher")
@@ -101,6 +103,9 @@ class PretrainModel(nn.Module):
         self.text = TextEncoder(student, tokenizer)
         self.teacher = teacher.requires_grad_(False) if teacher is not None else None
         self.rpn = rpn
+        if cfg.caption_concepts and teacher is not None and caption_concepts is None:
+            raise ValueError("pretrain.caption_concepts needs a caption-to-concept matcher")
+        self.caption_concepts = caption_concepts if cfg.caption_concepts else None
         self.register_buffer("concepts", concepts.float() if concepts is not None else None, persistent=False)
         self.trunk.freeze(cfg.freeze_at)
         if cfg.frozen_bn:  # FrozenBN, as the original: statistics and affine parameters stay as loaded
@@ -187,11 +192,15 @@ class PretrainModel(nn.Module):
             # An ordinary tensor again: the distillation target derived from it is saved for the backward pass.
             teacher_regions = teacher_regions.clone()
         captions = [str(item["caption"]) for item in batch]
+        allowed = None
+        if regions is not None and self.caption_concepts is not None:
+            per_image = torch.tensor([int(r.shape[0]) for r in regions])
+            allowed = self.caption_concepts.mask(captions).repeat_interleave(per_image, dim=0).to(dev)  # (R, K)
         tokens = self.text.tokenizer(captions).to(dev)
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.cfg.train_text):
             text_emb = self.text.encode_tokens(tokens)  # (B, D)
         codes = torch.tensor([zlib.crc32(c.encode("utf-8")) for c in captions], dtype=torch.int64, device=dev)
-        return PretrainOutputs(image_emb, text_emb, codes, student_regions, teacher_regions)
+        return PretrainOutputs(image_emb, text_emb, codes, student_regions, teacher_regions, allowed)
 
 
 def random_grid_boxes(n: int, height: int, width: int, generator: torch.Generator, grid: int = 8) -> Tensor:
@@ -222,7 +231,7 @@ def compute_losses(model: nn.Module, batch: list[dict]) -> dict[str, Tensor]:
                                                                                positives=positives)
     if out.student_regions is not None:
         pl = pseudo_labels(out.teacher_regions, inner.concepts, temperature=cfg.teacher_temperature,
-                           threshold=cfg.concept_thresh)
+                           threshold=cfg.concept_thresh, allowed=out.allowed)
         kept = out.student_regions[pl.keep]  # (R_k, D)
         if cfg.loss_region_distill > 0:
             logits = nn.functional.normalize(kept, dim=-1) @ nn.functional.normalize(inner.concepts, dim=-1).t() / tau
@@ -313,12 +322,15 @@ def build_stage(recipe: Recipe, *, device: str | torch.device = "cpu", cache_pro
         log.info("%s student starts from random weights (no model.weights)", variant)
     if cfg.scratch_init:
         reset_residual_scales(student)
-    teacher = concepts = rpn = cache = None
+    teacher = concepts = rpn = cache = matcher = None
     if cfg.concepts is not None:
         teacher_clip = create_clip(variant, cfg.teacher if cfg.teacher is not None else recipe.model.weights)
         teacher = build_teacher(teacher_clip, variant, recipe.model.pooler_resolution)
         text = TextEncoder(teacher_clip)
-        concepts = load_embeddings(cfg.concepts, dim=teacher.out_dim, fingerprint=text.fingerprint()).embeddings
+        pool = load_embeddings(cfg.concepts, dim=teacher.out_dim, fingerprint=text.fingerprint())
+        concepts = pool.embeddings
+        if cfg.caption_concepts:
+            matcher = CaptionConcepts(pool.names)
         if concepts.shape[0] < 2:
             raise RclipError(f"{cfg.concepts}: a concept pool needs at least 2 concepts, got {concepts.shape[0]}")
         del text
@@ -336,7 +348,8 @@ def build_stage(recipe: Recipe, *, device: str | torch.device = "cpu", cache_pro
     model = PretrainModel(student, cfg=cfg, pooler_resolution=pooler_resolution_for(
         variant, recipe.model.pooler_resolution), transform=clip_normalizer(recipe.input.pixel_mean,
                                                                              recipe.input.pixel_std),
-        tokenizer=open_clip.get_tokenizer("RN50"), teacher=teacher, concepts=concepts, rpn=rpn)
+        tokenizer=open_clip.get_tokenizer("RN50"), teacher=teacher, concepts=concepts, rpn=rpn,
+        caption_concepts=matcher)
     dataset = CaptionDataset(source, min_sizes=cfg.min_sizes, max_size=cfg.max_size, proposals=cache,
                              cache_images=cfg.cache_images)
     return model, dataset

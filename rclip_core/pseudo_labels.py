@@ -33,7 +33,8 @@ class PseudoLabels:
 
 
 @torch.no_grad()
-def pseudo_labels(teacher_regions: Tensor, concepts: Tensor, *, temperature: float, threshold: float) -> PseudoLabels:
+def pseudo_labels(teacher_regions: Tensor, concepts: Tensor, *, temperature: float, threshold: float,
+                  allowed: Tensor | None = None) -> PseudoLabels:
     """Label regions with concepts.
 
     Args:
@@ -41,16 +42,47 @@ def pseudo_labels(teacher_regions: Tensor, concepts: Tensor, *, temperature: flo
         concepts: (K, D) the teacher's concept embeddings (normalised here).
         temperature: τ of the softmax over concepts.
         threshold: keep a region whose best probability exceeds this; keep all when none does.
+        allowed: (R, K) bool, the concepts each region may be named with (``pretrain.caption_concepts``: those its
+            image's caption mentions; not the original's): the softmax runs over them alone. A row with none
+            allowed keeps the whole pool.
 
     Example:
         >>> pl = pseudo_labels(torch.eye(3), torch.eye(3), temperature=0.01, threshold=0.1)
         >>> pl.targets.tolist(), pl.keep.tolist()
         ([0, 1, 2], [True, True, True])
     """
-    probs = (F.normalize(teacher_regions.float(), dim=-1) @ F.normalize(concepts.float(), dim=-1).t()
-             / temperature).softmax(dim=1)  # (R, K)
+    logits = F.normalize(teacher_regions.float(), dim=-1) @ F.normalize(concepts.float(), dim=-1).t() / temperature
+    if allowed is not None:
+        logits = logits.masked_fill(~allowed & allowed.any(dim=1, keepdim=True), float("-inf"))
+    probs = logits.softmax(dim=1)  # (R, K)
     best, idx = probs.max(dim=1) if probs.shape[0] else (probs.new_zeros(0), probs.new_zeros(0, dtype=torch.long))
     keep = best > threshold
     if not bool(keep.any()):
         keep = torch.ones_like(keep)  # the original then keeps every region (max probability > 0)
     return PseudoLabels(keep=keep, targets=idx[keep], teacher_probs=probs[keep])
+
+
+class CaptionConcepts:
+    """Which pool concepts a caption mentions, found with ``rclip vocab build``'s extractor (spaCy nouns,
+    lemmatized), so that a caption's "two red stars" meets the pool's "star". Captions repeat (the toy world's,
+    COCO's several per image): each is parsed once, up to ``cache_size`` remembered."""
+
+    def __init__(self, names: list[str], extractor=None, *, cache_size: int = 100_000) -> None:
+        from functools import lru_cache
+
+        from rclip_core.vocab.extract import load_extractor
+
+        self.index = {n: i for i, n in enumerate(names)}
+        self.extractor = extractor or load_extractor()
+        self._ids = lru_cache(maxsize=cache_size)(self._parse)
+
+    def _parse(self, caption: str) -> tuple[int, ...]:
+        found = self.extractor.concepts(self.extractor.nlp(caption))
+        return tuple(sorted({self.index[c] for c in found if c in self.index}))
+
+    def mask(self, captions: list[str]) -> Tensor:
+        """(B, K) bool: concept k is mentioned by caption b."""
+        out = torch.zeros(len(captions), len(self.index), dtype=torch.bool)
+        for b, c in enumerate(captions):
+            out[b, list(self._ids(c))] = True
+        return out

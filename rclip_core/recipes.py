@@ -299,6 +299,11 @@ class PretrainCfg(SolverCfg):
     temperature: float = 0.01  # MATCHING_TEMP / CLSS_TEMP of the student's losses
     teacher_temperature: float = 0.01  # the pseudo-label softmax
     concept_thresh: float = field(default=0.1, metadata=within(0, 1))  # CONCEPT_THRES
+    # Not the original's (off, as it): the teacher names each region only among the concepts the image's drawn
+    # caption mentions (found as `rclip vocab build` finds them), for the pseudo concept and the distillation target;
+    # an image whose caption names no pool concept keeps the whole pool. Weak supervision from the caption, as
+    # caption-grounded pseudo labels in later open-vocabulary detectors.
+    caption_concepts: bool = False
     loss_region_distill: float = 1.0
     loss_concept_contrastive: float = 1.0
     loss_image_text: float = 1.0

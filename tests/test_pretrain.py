@@ -9,10 +9,12 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import skip_unless_ci
 
 from rclip_cli.main import cli
 from rclip_core.checkpoint import save_checkpoint
 from rclip_core.data.toyworld import SHAPES, generate_toyworld
+from rclip_core.errors import RclipError
 from rclip_core.recipes import load_recipe, recipe_to_dict
 
 
@@ -91,6 +93,40 @@ def test_an_image_without_proposals_and_a_batch_of_one(toy):
     one = compute_losses(model, _batch(dataset, 1))
     assert float(one["loss_img_txt"].detach()) == 0.0  # one image: its caption is the only candidate
     assert torch.isfinite(one["loss_region_distill"])
+
+
+def test_caption_concepts_restrict_each_image_regions_to_its_caption(toy, monkeypatch):
+    import rclip_core.pretrain as P
+    from rclip_core.pseudo_labels import pseudo_labels
+    from rclip_core.vocab.extract import load_extractor
+
+    try:
+        extractor = load_extractor()
+    except RclipError as e:
+        skip_unless_ci(f"no trained spaCy pipeline: {e}")
+    model, dataset = _stage(toy, "pretrain.caption_concepts=true")
+    batch = _batch(dataset, 2)
+    boxes = torch.tensor([[0, 0, 30, 30], [10, 10, 50, 40], [20, 5, 60, 60], [5, 30, 40, 63], [0, 0, 63, 63.0]])
+    for item, n in zip(batch, (5, 3)):  # cached proposals; the second image has fewer than regions_per_image
+        item["proposals"], item["objectness"] = boxes[:n], torch.zeros(n)
+    with torch.no_grad():
+        out = model(batch)
+    names = list(SHAPES)
+    sizes = [4, 3]  # regions_per_image 4
+    assert out.allowed.shape == (sum(sizes), len(names))
+    rows = out.allowed.split(sizes)
+    for item, r in zip(batch, rows):
+        said = {c for c in extractor.concepts(extractor.nlp(item["caption"])) if c in names}
+        assert said, item["caption"]
+        assert all(row.tolist() == [n in said for n in names] for row in r), item["caption"]
+    pl = pseudo_labels(out.teacher_regions, model.concepts, temperature=0.07, threshold=0.0, allowed=out.allowed)
+    assert all(bool(out.allowed[i, t]) for i, t in enumerate(pl.targets.tolist()))
+    seen = []
+    monkeypatch.setattr(P, "pseudo_labels", lambda *a, **kw: seen.append(kw["allowed"]) or pseudo_labels(*a, **kw))
+    P.compute_losses(model, batch)  # the losses use the restricted labels
+    assert torch.equal(seen[0], out.allowed)
+    plain, _ = _stage(toy)
+    assert plain.caption_concepts is None  # off by default, as the original
 
 
 def test_regions_are_drawn_from_the_rpn_top_k_with_the_item_seed(toy):

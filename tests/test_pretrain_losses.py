@@ -9,7 +9,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import skip_unless_ci
 
+from rclip_core.errors import RclipError
 from rclip_core.losses import concept_contrastive, region_distillation
 from rclip_core.pseudo_labels import pseudo_labels
 
@@ -108,3 +110,41 @@ def test_pseudo_labels_keep_every_region_when_none_passes_and_handle_zero_region
     assert pl.keep.all() and pl.num_kept == 4 and pl.teacher_probs.shape == (4, 10)
     empty = pseudo_labels(torch.zeros(0, 6), torch.randn(10, 6), temperature=0.01, threshold=0.1)
     assert empty.num_kept == 0 and empty.teacher_probs.shape == (0, 10) and empty.keep.shape == (0,)
+
+
+def test_pseudo_labels_restricted_to_caption_concepts_softmax_over_the_allowed_ones():
+    g = torch.Generator().manual_seed(4)
+    concepts = torch.randn(5, 6, generator=g)
+    regions = torch.randn(6, 6, generator=g)
+    allowed = torch.tensor([[1, 0, 1, 0, 0], [0, 1, 0, 0, 0], [0, 0, 0, 0, 0],
+                            [1, 1, 1, 1, 1], [0, 0, 0, 1, 1], [0, 1, 1, 0, 0]], dtype=torch.bool)
+    tau = 0.5
+    pl = pseudo_labels(regions, concepts, temperature=tau, threshold=0.0, allowed=allowed)
+    targets, probs = [], []
+    for r in range(6):
+        ks = [k for k in range(5) if allowed[r, k]] or list(range(5))  # none allowed: the whole pool
+        p = _softmax([_cos(regions[r].tolist(), concepts[k].tolist()) / tau for k in ks])
+        full = [0.0] * 5
+        for k, v in zip(ks, p):
+            full[k] = v
+        targets.append(max(range(5), key=lambda k: full[k]))
+        probs.append(full)
+    assert pl.targets.tolist() == targets
+    assert torch.allclose(pl.teacher_probs, torch.tensor(probs), atol=1e-6)
+    free = pseudo_labels(regions, concepts, temperature=tau, threshold=0.0)
+    assert pl.targets.tolist() != free.targets.tolist()  # the restriction changes some labels here
+
+
+def test_caption_concepts_finds_the_pool_concepts_a_caption_names():
+    from rclip_core.pseudo_labels import CaptionConcepts
+    from rclip_core.vocab.extract import load_extractor
+
+    try:
+        extractor = load_extractor()
+    except RclipError as e:
+        skip_unless_ci(f"no trained spaCy pipeline: {e}")
+    match = CaptionConcepts(["circle", "star", "heart", "photo"], extractor)
+    mask = match.mask(["two red stars and a circle.", "a photo of a heart.", "a green triangle.", "two red stars "
+                       "and a circle."])
+    assert mask.tolist() == [[True, True, False, False], [False, False, True, True], [False, False, False, False],
+                             [True, True, False, False]]
