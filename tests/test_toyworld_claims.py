@@ -3,8 +3,9 @@ as they were measured to hold; each test's measurements are beside it or below).
 
 Runs ``rclip demo``'s default chain once (toy world, teacher, concept pool, RPN, the demo's shortened student;
 toy-world seed 0), then a student trained with the image-text loss alone at the demo's budget, a student trained
-with its own recipe (600 steps) and a detector finetuned from the latter, all scored on the path
-``rclip zeroshot --gt-boxes`` / ``--rpn`` + ``rclip eval`` ship. About ten minutes on 2 CPU cores, hence ``slow``.
+with its own recipe (600 steps), the same with caption-restricted pseudo labels and a detector finetuned from the
+plain full-recipe student, all scored on the path
+``rclip zeroshot --gt-boxes`` / ``--rpn`` + ``rclip eval`` ship. About a quarter of an hour on 2 CPU cores, hence ``slow``.
 
 At the demo's budget, measured with ``python benchmarks/toyworld_pretraining.py --seeds 0 1 2 --variants imgtxt full
 --demo-budget`` (the same chain and recipes), held-out GT-box accuracy % / COCO AP50:
@@ -105,6 +106,46 @@ def test_student_of_the_full_recipe_beats_its_teacher_in_ap50_on_base_and_novel_
     assert student.ap50_base - teacher.ap50_base >= MIN_AP50_BASE_GAIN, (teacher, student)
     assert student.ap50_novel - teacher.ap50_novel >= MIN_AP50_NOVEL_GAIN, (teacher, student)
     assert 100 * (teacher.accuracy - student.accuracy) <= MAX_ACC_DROP_FULL_RECIPE, (teacher, student)
+
+
+# The same with pseudo labels restricted to the concepts of the image's caption (pretrain.caption_concepts, not the
+# original's). Measured with `python benchmarks/toyworld_pretraining.py --seeds 0 1 2 3 4 --variants full
+# --student-set pretrain.caption_concepts=true`, teacher -> student:
+#
+#     seed   AP50 base     AP50 novel    acc base      acc novel     acc all
+#     0      54.1 -> 67.1  61.0 -> 73.8  65.2 -> 62.5  61.0 -> 68.0  64.0 -> 64.0
+#     1      47.1 -> 70.0  49.5 -> 71.6  61.8 -> 62.9  52.4 -> 72.0  59.6 -> 65.0
+#     2      40.6 -> 54.6  35.5 -> 59.1  45.4 -> 52.5  52.7 -> 62.4  47.2 -> 54.9
+#     3      37.7 -> 59.6  41.6 -> 66.4  52.3 -> 58.6  48.9 -> 68.2  51.5 -> 60.9
+#     4      53.6 -> 62.2  52.3 -> 73.1  58.5 -> 63.0  70.1 -> 77.0  61.6 -> 66.7
+#
+# Held on every seed: AP50 up on base shapes (+8.6 to +22.9) and novel ones (+12.8 to +24.8), novel accuracy up
+# (+6.9 to +19.5), overall accuracy not down (+0.0 to +9.4; seed 0, the one run here, has the smallest margin). Base
+# accuracy rose on four seeds and fell 2.6 points on seed 0. The original's whole-pool labels (the student above) fail
+# the novel checks on seed 0 (AP50 +1.8, accuracy -4.0).
+CAPTION_MIN_AP50_BASE_GAIN = 6.0
+CAPTION_MIN_AP50_NOVEL_GAIN = 8.0
+CAPTION_MIN_ACC_NOVEL_GAIN = 3.0
+CAPTION_MAX_ACC_DROP = 2.0
+CAPTION_MAX_ACC_BASE_DROP = 5.0
+
+
+def test_student_with_caption_concepts_beats_its_teacher_on_novel_shapes_and_keeps_base_ones(demo_run, tmp_path):
+    recipe, result = demo_run
+    out, teacher = result.out, result.scores["teacher"]
+    recipe = copy.deepcopy(recipe)
+    recipe.demo.student_set = []
+    world = existing_world(out)
+    ckpt = train_student(recipe, world, tmp_path / "caption", teacher=out / "teacher" / "checkpoint.pt",
+                         concepts=out / "concepts.pt", rpn=out / "rpn" / "checkpoint.pt", device="cpu",
+                         bar=lambda description, total: contextlib.nullcontext(None),
+                         overrides=["pretrain.caption_concepts=true"])
+    _, student = evaluate_model(ckpt, recipe, world, tmp_path / "dets_caption.json", device="cpu")
+    assert student.ap50_base - teacher.ap50_base >= CAPTION_MIN_AP50_BASE_GAIN, (teacher, student)
+    assert student.ap50_novel - teacher.ap50_novel >= CAPTION_MIN_AP50_NOVEL_GAIN, (teacher, student)
+    assert 100 * (student.accuracy_novel - teacher.accuracy_novel) >= CAPTION_MIN_ACC_NOVEL_GAIN, (teacher, student)
+    assert 100 * (teacher.accuracy - student.accuracy) <= CAPTION_MAX_ACC_DROP, (teacher, student)
+    assert 100 * (teacher.accuracy_base - student.accuracy_base) <= CAPTION_MAX_ACC_BASE_DROP, (teacher, student)
 
 
 # Finetuning (issue 9's toy proof, as far as it was measured to hold), from the full recipe's student. Measured with
