@@ -4,8 +4,8 @@ as they were measured to hold; each test's measurements are beside it or below).
 Runs ``rclip demo``'s default chain once (toy world, teacher, concept pool, RPN, the demo's shortened student;
 toy-world seed 0), then a student trained with the image-text loss alone at the demo's budget, a student trained
 with its own recipe (600 steps), the same with caption-restricted pseudo labels and a detector finetuned from the
-plain full-recipe student, all scored on the path
-``rclip zeroshot --gt-boxes`` / ``--rpn`` + ``rclip eval`` ship. About a quarter of an hour on 2 CPU cores, hence ``slow``.
+plain full-recipe student, all scored on the path ``rclip zeroshot --gt-boxes`` / ``--rpn`` + ``rclip eval`` ship.
+About a quarter of an hour on 2 CPU cores, hence ``slow``.
 
 At the demo's budget, measured with ``python benchmarks/toyworld_pretraining.py --seeds 0 1 2 --variants imgtxt full
 --demo-budget`` (the same chain and recipes), held-out GT-box accuracy % / COCO AP50:
