@@ -89,13 +89,13 @@ def main() -> None:
         captions_of.setdefault(file_of[a["image_id"]], []).append(a["caption"])
     matcher = CaptionConcepts(concepts.names)
     cap_right, cap_total = Counter(), Counter()
+    tau = student.pretrain.teacher_temperature
     with torch.inference_mode():
         for i in range(len(data)):
             item = data[i]
             if item["image"] is None or not len(item["boxes"]):
                 continue
             regions = head(trunk(normalise([item["image"]]).tensors), [item["boxes"].float()])
-            tau = student.pretrain.teacher_temperature
             pl = pseudo_labels(regions, concepts.embeddings, temperature=tau, threshold=0.0)
             best_p = pl.teacher_probs.max(dim=1).values
             n_obj = min(len(item["boxes"]), 4)

@@ -125,6 +125,10 @@ def test_caption_concepts_restrict_each_image_regions_to_its_caption(toy, monkey
     monkeypatch.setattr(P, "pseudo_labels", lambda *a, **kw: seen.append(kw["allowed"]) or pseudo_labels(*a, **kw))
     P.compute_losses(model, batch)  # the losses use the restricted labels
     assert torch.equal(seen[0], out.allowed)
+    batch[0]["proposals"], batch[0]["objectness"] = torch.zeros((0, 4)), torch.zeros(0)  # an image with no region
+    with torch.no_grad():
+        assert model(batch).allowed.shape == (3, len(names))
+        assert all(torch.isfinite(v) for v in P.compute_losses(model, batch).values())
     plain, _ = _stage(toy)
     assert plain.caption_concepts is None  # off by default, as the original
 

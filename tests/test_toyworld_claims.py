@@ -49,15 +49,26 @@ def demo_run(tmp_path_factory):
     return recipe, run_demo(recipe, out)
 
 
+def _student(demo_run, out_dir, *overrides: str, full_recipe: bool = False):
+    """Another student of the demo's teacher, concept pool and RPN: at the demo's budget, or with ``full_recipe``
+    at its own recipe's (600 steps; the demo's is shortened)."""
+    recipe, result = demo_run
+    if full_recipe:
+        recipe = copy.deepcopy(recipe)  # the fixture's is shared
+        recipe.demo.student_set = []
+    out = result.out
+    return train_student(recipe, existing_world(out), out_dir, teacher=out / "teacher" / "checkpoint.pt",
+                         concepts=out / "concepts.pt", rpn=out / "rpn" / "checkpoint.pt", device="cpu",
+                         bar=lambda description, total: contextlib.nullcontext(None), overrides=list(overrides))
+
+
 def test_region_losses_help_and_the_student_keeps_most_of_its_teachers_recognition(demo_run, tmp_path):
     recipe, result = demo_run
     out = result.out
     teacher, full = result.scores["teacher"], result.scores["student"]
     world = existing_world(out)  # the demo's toy world, for the extra student
-    ckpt = train_student(recipe, world, tmp_path / "imgtxt", teacher=out / "teacher" / "checkpoint.pt",
-                         concepts=out / "concepts.pt", rpn=out / "rpn" / "checkpoint.pt", device="cpu",
-                         bar=lambda description, total: contextlib.nullcontext(None),
-                         overrides=["pretrain.loss_region_distill=0", "pretrain.loss_concept_contrastive=0"])
+    ckpt = _student(demo_run, tmp_path / "imgtxt", "pretrain.loss_region_distill=0",
+                    "pretrain.loss_concept_contrastive=0")
     _, imgtxt = evaluate_model(ckpt, recipe, world, tmp_path / "dets_imgtxt.json", device="cpu")
     assert 100 * (full.accuracy - imgtxt.accuracy) >= MIN_ACC_GAIN_OVER_IMGTXT, (full, imgtxt)
     assert 100 * (teacher.accuracy - full.accuracy) <= MAX_ACC_DROP_FROM_TEACHER, (teacher, full)
@@ -87,14 +98,7 @@ MAX_ACC_DROP_FULL_RECIPE = 8.0
 @pytest.fixture(scope="module")
 def full_student(demo_run, tmp_path_factory):
     """A student of the demo's teacher trained with its own recipe (600 steps; the demo's is shortened), once."""
-    recipe, result = demo_run
-    out = result.out
-    recipe = copy.deepcopy(recipe)  # the fixture's is shared
-    recipe.demo.student_set = []  # the student's own recipe, not the demo's shortened one
-    world = existing_world(out)
-    return train_student(recipe, world, tmp_path_factory.mktemp("full"), teacher=out / "teacher" / "checkpoint.pt",
-                         concepts=out / "concepts.pt", rpn=out / "rpn" / "checkpoint.pt", device="cpu",
-                         bar=lambda description, total: contextlib.nullcontext(None))
+    return _student(demo_run, tmp_path_factory.mktemp("full"), full_recipe=True)
 
 
 def test_student_of_the_full_recipe_beats_its_teacher_in_ap50_on_base_and_novel_shapes(demo_run, full_student,
@@ -132,14 +136,8 @@ CAPTION_MAX_ACC_BASE_DROP = 5.0
 
 def test_student_with_caption_concepts_beats_its_teacher_on_novel_shapes_and_keeps_base_ones(demo_run, tmp_path):
     recipe, result = demo_run
-    out, teacher = result.out, result.scores["teacher"]
-    recipe = copy.deepcopy(recipe)
-    recipe.demo.student_set = []
-    world = existing_world(out)
-    ckpt = train_student(recipe, world, tmp_path / "caption", teacher=out / "teacher" / "checkpoint.pt",
-                         concepts=out / "concepts.pt", rpn=out / "rpn" / "checkpoint.pt", device="cpu",
-                         bar=lambda description, total: contextlib.nullcontext(None),
-                         overrides=["pretrain.caption_concepts=true"])
+    teacher, world = result.scores["teacher"], existing_world(result.out)
+    ckpt = _student(demo_run, tmp_path / "caption", "pretrain.caption_concepts=true", full_recipe=True)
     _, student = evaluate_model(ckpt, recipe, world, tmp_path / "dets_caption.json", device="cpu")
     assert student.ap50_base - teacher.ap50_base >= CAPTION_MIN_AP50_BASE_GAIN, (teacher, student)
     assert student.ap50_novel - teacher.ap50_novel >= CAPTION_MIN_AP50_NOVEL_GAIN, (teacher, student)
