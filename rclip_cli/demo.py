@@ -28,9 +28,11 @@ def demo(out: Path, steps: int | None, force: bool, recipe_path: str | None, ove
     shapes), and OUT/demo.png shows their labels, right and wrong.
 
     Novel shapes (star, heart) never appear as boxes in training, only as words in captions, as RegionCLIP's
-    concepts do. The recipe is demo_tiny_toyworld unless --recipe names another; --set changes its sections (input,
-    zeroshot, toyworld, text, demo); each stage's own recipe keys go through demo.teacher_set / rpn_set /
-    student_set.
+    concepts do. Scenes hold one to three shapes (toyworld.max_objects; README "The toy world" also measures
+    crowded scenes of up to six, with --set toyworld.max_objects=6).
+
+    The recipe is demo_tiny_toyworld unless --recipe names another; --set changes its sections (input, zeroshot,
+    toyworld, text, demo); each stage's own recipe keys go through demo.teacher_set / rpn_set / student_set.
 
     By default the student trains a quarter of its recipe's budget (demo.student_set: 150 steps at lr 0.002), so
     that the demo takes about four minutes on 2 CPU cores; it then stays level with its teacher. With --set

@@ -33,8 +33,9 @@ def test_teacher_training_names_held_out_shapes_above_chance(tmp_path):
     tw = demo.toyworld
     web = generate_toyworld(tmp_path, num_images=600, image_size=tw.image_size, seed=SEED + 100, prefix="web",
                             max_objects=1, size_scale=tw.size_scale)
+    # The crowded held-out scenes (up to six shapes) of the measurements above, not the demo's (up to three).
     val = generate_toyworld(tmp_path, num_images=60, image_size=tw.image_size, seed=SEED + 1, prefix="val",
-                            max_objects=tw.max_objects, size_scale=tw.size_scale)
+                            max_objects=6, size_scale=tw.size_scale)
     recipe = load_recipe(demo.demo.teacher, ["pretrain.steps=250", f"pretrain.seed={SEED}",
                                              "pretrain.checkpoint_every=0"])
     recipe.pretrain.captions, recipe.pretrain.images = str(web.captions_json), str(web.images_dir)

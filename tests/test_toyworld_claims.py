@@ -1,14 +1,16 @@
 """Region pretraining and finetuning on the toy world, at full length (issues 8 and 9: their claims, checked as far
 as they were measured to hold; each test's measurements are beside it or below).
 
-Runs ``rclip demo``'s default chain once (toy world, teacher, concept pool, RPN, the demo's shortened student;
-toy-world seed 0), then a student trained with the image-text loss alone at the demo's budget, a student trained
-with its own recipe (600 steps), the same with caption-restricted pseudo labels and a detector finetuned from the
-plain full-recipe student, all scored on the path ``rclip zeroshot --gt-boxes`` / ``--rpn`` + ``rclip eval`` ship.
-About a quarter of an hour on 2 CPU cores, hence ``slow``.
+Runs ``rclip demo``'s chain once on the crowded toy world where README "The toy world" measures the claims (up to
+six shapes per scene, ``toyworld.max_objects=6``; the demo itself draws at most three), toy-world seed 0: toy world,
+teacher, concept pool, RPN, the demo's shortened student; then a student trained with the image-text loss alone at
+the demo's budget, a student trained with its own recipe (600 steps), the same with caption-restricted pseudo labels
+and a detector finetuned from the plain full-recipe student, all scored on the path ``rclip zeroshot --gt-boxes`` /
+``--rpn`` + ``rclip eval`` ship. Last, ``rclip demo``'s own default chain (at most three shapes per scene) against the
+demo's goal. About twenty minutes on 2 CPU cores, hence ``slow``.
 
 At the demo's budget, measured with ``python benchmarks/toyworld_pretraining.py --seeds 0 1 2 --variants imgtxt full
---demo-budget`` (the same chain and recipes), held-out GT-box accuracy % / COCO AP50:
+--demo-budget --demo-set toyworld.max_objects=6`` (the same chain and recipes), held-out GT-box accuracy % / COCO AP50:
 
     seed   teacher       image-text only   full student (the demo's)
     0      64.0 / 55.8   46.9 / 33.7       60.5 / 53.3
@@ -36,6 +38,10 @@ from rclip_core.recipes import load_recipe
 
 pytestmark = pytest.mark.slow
 
+# The world of README "The toy world"'s claim tables, where every measurement below was made: up to six shapes per
+# scene, half of all boxes in scenes of four or more, where the teacher is weakest.
+CROWDED_WORLD = "toyworld.max_objects=6"
+
 # Percentage points; measured margins in the docstring (smallest gain 0.6, largest drop 3.5).
 MIN_ACC_GAIN_OVER_IMGTXT = 0.0
 MAX_ACC_DROP_FROM_TEACHER = 5.0
@@ -43,8 +49,8 @@ MAX_ACC_DROP_FROM_TEACHER = 5.0
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
-    """The demo's default chain, once for the module (the finetuning check starts from its student)."""
-    recipe = load_recipe("demo_tiny_toyworld")
+    """The demo's chain on the crowded world, once for the module (the finetuning check starts from its student)."""
+    recipe = load_recipe("demo_tiny_toyworld", [CROWDED_WORLD])
     out = tmp_path_factory.mktemp("claim") / "demo"
     return recipe, run_demo(recipe, out)
 
@@ -77,7 +83,8 @@ def test_region_losses_help_and_the_student_keeps_most_of_its_teachers_recogniti
 
 
 # The paper's claim with the student's own recipe (pretrain_tiny_toyworld: 600 steps at lr 0.01, where the demo runs
-# 150 at 0.002). Measured with `python benchmarks/toyworld_pretraining.py --seeds 0 1 2 3 4 --variants full`,
+# 150 at 0.002). Measured with `python benchmarks/toyworld_pretraining.py --seeds 0 1 2 3 4 --variants full
+# --demo-set toyworld.max_objects=6`,
 # teacher -> student, AP50 base / novel and accuracy % base / novel:
 #
 #     seed   AP50 base     AP50 novel    acc base      acc novel
@@ -114,7 +121,7 @@ def test_student_of_the_full_recipe_beats_its_teacher_in_ap50_on_base_and_novel_
 
 # The same with pseudo labels restricted to the concepts of the image's caption (pretrain.caption_concepts, not the
 # original's). Measured with `python benchmarks/toyworld_pretraining.py --seeds 0 1 2 3 4 --variants full
-# --student-set pretrain.caption_concepts=true`, teacher -> student:
+# --student-set pretrain.caption_concepts=true --demo-set toyworld.max_objects=6`, teacher -> student:
 #
 #     seed   AP50 base     AP50 novel    acc base      acc novel     acc all
 #     0      54.1 -> 67.1  61.0 -> 73.8  65.2 -> 62.5  61.0 -> 68.0  64.0 -> 64.0
@@ -186,3 +193,24 @@ def test_finetuned_detector_finds_novel_shapes_by_name(demo_run, full_student, t
                                  overrides=["zeroshot.num_proposals=100", f"zeroshot.score_fusion={fusion}"])
         for split in ("ap50_base", "ap50_novel"):
             assert finetuned[split] - zeroshot[split] >= bound, (fusion, split, finetuned, zeroshot)
+
+
+# The demo's goal (issue 8): its student names at least 70 % of held-out base-shape boxes and clearly more novel ones
+# than chance (12.5 %). `rclip demo` draws at most three shapes per scene for it (demo_tiny_toyworld); measured with
+# `python benchmarks/toyworld_pretraining.py --seeds 0 1 2 --variants full --demo-budget`, accuracy % base / novel:
+#
+#     seed   teacher       the demo's student
+#     0      83.5 / 77.9   81.3 / 80.9      (rclip demo's own seed, the one run here)
+#     1      75.8 / 71.2   77.4 / 80.8
+#     2      62.8 / 73.4   61.8 / 75.0      (a weaker teacher: the goal is not met on this seed)
+#
+# On the crowded world (above) the same student named 59.9 % of base-shape boxes on seed 0, so this fails there.
+DEMO_MIN_ACC_BASE = 70.0  # the issue's goal, not a fitted bound
+DEMO_MIN_ACC_NOVEL = 50.0  # four times chance; the smallest measured is 75.0
+
+
+def test_demo_student_names_most_base_shapes_and_far_more_novel_ones_than_chance(tmp_path):
+    recipe = load_recipe("demo_tiny_toyworld")
+    student = run_demo(recipe, tmp_path / "demo").scores["student"]
+    assert 100 * student.accuracy_base >= DEMO_MIN_ACC_BASE, student
+    assert 100 * student.accuracy_novel >= DEMO_MIN_ACC_NOVEL, student
