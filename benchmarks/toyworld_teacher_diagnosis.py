@@ -7,6 +7,10 @@ concept pool), the teacher's zero-shot GT-box accuracy (the path of ``rclip zero
 - on the training and held-out scenes' GT boxes (128 px, as the demo evaluates), the held-out ones also by the
   number of objects in the scene;
 
+the held-out accuracy again with each box cut out of the scene and encoded as a whole image (a 64-px window at the
+box's centre, the web images' size and scale, and the box enlarged 1.5 times and resized to 64 px) instead of pooled
+from the scene's feature map, to tell whether the crowding or the pooling misleads it;
+
 and its pseudo labels on the training scenes' GT boxes, as pretraining makes them (``pseudo_labels`` over the
 concept pool at the student recipe's teacher temperature): how often the best concept is the box's shape, among
 confident regions too, and how often it is no shape at all (a colour, "photo", ...); and how often with
@@ -40,10 +44,50 @@ def by_object_count(gt_json: Path, dets_json: Path) -> None:
         print(f"  held-out scenes with {label}: {100 * acc['accuracy']:.1f} % of {acc['num_boxes']} boxes", flush=True)
 
 
+def crop_accuracy(encoder, normalise, world: Path, split: str, embeddings, how: str) -> tuple[float, dict[str, float]]:
+    """GT-box accuracy % of ``encoder`` on crops of the boxes, encoded as whole images, overall and by object count.
+
+    ``how`` is ``window`` (a 64 × 64 window of scene pixels around the box's centre: the web images' size, with the
+    objects at their scale) or ``box1.5`` (the box enlarged 1.5 times about its centre, made square, resized to 64).
+    """
+    from collections import Counter
+
+    import torch
+    from torchvision.ops import roi_align
+
+    from rclip_core.data.coco import DetectionDataset, load_detection_annotations
+
+    records, categories, _ = load_detection_annotations(world / f"instances_{split}.json")
+    index = {c["id"]: i for i, c in enumerate(categories)}
+    data = DetectionDataset(records, world / "images", min_sizes=(128,), max_size=256)
+    text = torch.nn.functional.normalize(embeddings.float(), dim=-1)
+    right, total = Counter(), Counter()
+    with torch.inference_mode():
+        for i in range(len(data)):
+            item = data[i]
+            if item["image"] is None or not len(item["boxes"]):
+                continue
+            boxes = item["boxes"].float()
+            centre = (boxes[:, :2] + boxes[:, 2:]) / 2
+            side = boxes[:, 2:] - boxes[:, :2]
+            longest = side.max(dim=1, keepdim=True).values
+            half = torch.full_like(longest, 32.0) if how == "window" else 0.75 * longest
+            # roi_align on the image itself cuts and resizes every square at once (bilinear, zeros outside).
+            crops = roi_align(normalise([item["image"]]).tensors, [torch.cat([centre - half, centre + half], 1)],
+                              output_size=(64, 64), sampling_ratio=2, aligned=True)
+            pred = (torch.nn.functional.normalize(encoder.encode_image(crops), dim=-1) @ text.t()).argmax(dim=1)
+            n = min(len(boxes), 4)
+            total[n] += len(boxes)
+            right[n] += sum(int(p) == index[c] for p, c in zip(pred.tolist(), item["labels"].tolist()))
+    scenes = ("1 object", "2 objects", "3 objects", "4 or more")
+    return 100 * sum(right.values()) / sum(total.values()), {scenes[n - 1]: 100 * right[n] / total[n]
+                                                              for n in sorted(total)}
+
+
 def main() -> None:
     import torch
 
-    from rclip_core.clip_backbone import CLIPTrunk, RegionHead, create_clip, pooler_resolution_for
+    from rclip_core.clip_backbone import CLIPTrunk, RegionHead, build_region_encoder, create_clip, pooler_resolution_for
     from rclip_core.data.coco import DetectionDataset, load_detection_annotations
     from rclip_core.data.transforms import clip_normalizer
     from rclip_core.demo import score, zero_shot_on
@@ -72,12 +116,24 @@ def main() -> None:
         print(f"teacher GT-box accuracy, {split} images at {size} px: {accuracy(split, size):.1f} %", flush=True)
     by_object_count(world / "instances_val.json", out / "dets_val_128.json")
 
+    from rclip_core.text_embed import TEMPLATE_SETS, embed_names
+    from rclip_core.text_encoder import TextEncoder
+
     clip = create_clip(None, teacher).eval()
+    _, val_categories, _ = load_detection_annotations(world / "instances_val.json")
+    names = embed_names(TextEncoder(clip), [c["name"] for c in val_categories],
+                        templates=TEMPLATE_SETS[recipe.text.templates]).embeddings
+    encoder = build_region_encoder(clip, "tiny").eval()
+    normalise = clip_normalizer(recipe.input.pixel_mean, recipe.input.pixel_std)
+    for how in ("window", "box1.5"):
+        acc, by = crop_accuracy(encoder, normalise, world, "val", names, how)
+        print(f"teacher GT-box accuracy on held-out crops ({how}) encoded as whole images: {acc:.1f} % ("
+              + ", ".join(f"{v:.1f} % with {k}" for k, v in by.items()) + ")", flush=True)
+
     concepts = load_embeddings(args.run / "concepts.pt")
     records, categories, _ = load_detection_annotations(world / "instances_train.json")
     shape = {c["id"]: c["name"] for c in categories}
     data = DetectionDataset(records, world / "images", min_sizes=recipe.input.min_size, max_size=recipe.input.max_size)
-    normalise = clip_normalizer(recipe.input.pixel_mean, recipe.input.pixel_std)
     trunk = CLIPTrunk(clip.visual)
     head = RegionHead(clip.visual.layer4, clip.visual.attnpool, pooler_resolution=pooler_resolution_for("tiny"))
     right = confident = confident_right = no_shape = total = 0
