@@ -115,7 +115,8 @@ def fast_rcnn_losses(class_logits: Tensor, box_deltas: Tensor | None, gt_classes
       class's weight in torch's *weighted* mean (``sum w_i l_i / sum w_i``), the original's LVIS setting;
     - ``focal_gamma`` γ: per-region cross-entropy × (1 − p_t)^γ (p_t the softmax probability of the true class),
       background regions × ``bg_weight``, then the *plain* mean over regions — the original's focal path (COCO),
-      which multiplies the weights in and divides by R, not by their sum.
+      which multiplies the weights in and divides by R, not by their sum. p_t is capped one float step below 1,
+      where the original's gradient is NaN.
 
     Box regression: class-agnostic smooth-L1 (``smooth_l1_beta`` 0 is L1, detectron2's default) between the
     predicted and target deltas of foreground regions only, summed and divided by the number of sampled regions R
@@ -159,6 +160,11 @@ def fast_rcnn_losses(class_logits: Tensor, box_deltas: Tensor | None, gt_classes
     else:
         ce = F.cross_entropy(logits, gt_classes, reduction="none")  # (R,)
         p_t = logits.softmax(dim=1).gather(1, gt_classes[:, None])[:, 0]  # (R,)
+        # A region named with certainty (p_t rounds to 1: a logit margin over ~17, a cosine margin of 0.17 at
+        # τ 0.01) would make (1 - p_t)^γ's derivative infinite and the whole step NaN; the original computes it
+        # unclamped. Capping p_t one float step below 1 keeps the gradient finite and changes only the loss of such
+        # regions, whose cross-entropy is already under 1.2e-7.
+        p_t = p_t.clamp(max=1 - torch.finfo(p_t.dtype).eps)
         loss = ce * (1 - p_t) ** focal_gamma
         if bg_weight is not None:
             loss = torch.where(gt_classes == bg, loss * bg_weight, loss)

@@ -90,6 +90,21 @@ def test_losses_of_no_region_are_zero_and_backpropagate():
     assert logits.grad is not None and deltas.grad is not None
 
 
+def test_a_region_named_with_certainty_keeps_the_focal_gradient_finite():
+    # A logit margin of 30 (a cosine margin of 0.3 at τ 0.01) rounds p_t to 1 in float32, where (1 - p_t)^0.5 has an
+    # infinite derivative: unguarded, the whole step's gradient is NaN (seen in toy finetuning).
+    logits = torch.tensor([[30.0, 0.0, 0.0], [0.0, 0.0, 30.0], [0.5, 0.0, 1.0]], requires_grad=True)
+    labels = torch.tensor([0, 2, 1])
+    out = fast_rcnn_losses(logits, None, labels, None, bg_weight=0.2, focal_gamma=0.5)
+    out["loss_cls"].backward()
+    assert torch.isfinite(logits.grad).all(), logits.grad
+    assert float(logits.grad[2].abs().sum()) > 0  # the uncertain region still learns
+    # the cap moves the loss of the certain regions by far less than the uncertain region's
+    ce = torch.nn.functional.cross_entropy(logits.detach()[2:], labels[2:])
+    probs = logits.detach()[2].softmax(0)
+    assert float(out["loss_cls"]) == pytest.approx(float(ce * (1 - probs[1]) ** 0.5) / 3, rel=1e-4)
+
+
 def test_only_background_gives_zero_box_loss_with_gradient():
     logits, _, deltas, targets = _inputs()
     deltas.requires_grad_(True)
