@@ -23,6 +23,12 @@ one toy-world seed at a time:
 Prints one ``RESULT`` line per (seed, model) and a mean ± spread table (the spread covers the finetuning's
 randomness; the pretraining chain is the demo's one run). A few minutes per seed on 2 CPU cores.
 
+Also prints, per seed, how much room the training classes' text embeddings leave for the background: the mean
+cosine between two of them, and the largest cosine with a training class of the region direction that is farthest
+from all of them. The original's background embedding is all-zero (logit 0), so a region is named background only
+where every training class's cosine is negative; when that best direction still scores near zero, almost no region
+can be.
+
 ``--curve N`` also evaluates every N steps during finetuning (AP50 base / novel on the held-out scenes, the engine's
 ``eval_stepN.json``) and prints, per evaluation, how many of the sampled training regions the classifier got right
 since the last one, foreground and background apart (``count_*_right`` in ``metrics.jsonl``): where the detector
@@ -74,6 +80,9 @@ def main() -> None:
                                overrides=[*args.overrides, *curve])
         if args.curve:
             print_curve(det.parent)
+        pairwise, best = background_room(det)
+        print(f"background room: mean cosine between two training classes {pairwise:.3f}; the region direction "
+              f"farthest from all of them still has cosine {best:.3f} with the nearest", flush=True)
         for name, kw in (("finetuned", {}), ("random_novel", {"random_novel_seed": seed})):
             r = detect_shapes(det, world, rpn=rpn, recipe_name="finetune_tiny_toyworld", **kw)
             rows.setdefault(name, []).append(r)
@@ -90,6 +99,29 @@ def main() -> None:
         print(f"{name:<14} {cells[0]:>16} {cells[1]:>16} {cells[2]:>16}   ({len(rs)})")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(rows, indent=1))
+
+
+def background_room(detector: Path) -> tuple[float, float]:
+    """For a detector checkpoint's training class embeddings E (K, D): the mean pairwise cosine, and
+    min over unit x of max_k cos(x, E_k), which is minus the distance from the origin to E's convex hull (the unit
+    vector opposite the hull's nearest point); negative means some direction lies below every class."""
+    import torch
+
+    emb = torch.load(detector, map_location="cpu", weights_only=False)["model"]["classifier.class_embeddings"]
+    e = torch.nn.functional.normalize(emb.double(), dim=-1)  # (K, D)
+    k = e.shape[0]
+    pairwise = float(((e @ e.t()).sum() - k) / (k * k - k))
+    # The hull's point nearest the origin: minimise |w @ e|^2 over the simplex, w = softmax(z) (a small problem,
+    # K <= a few thousand; Adam to convergence is plenty and needs no solver dependency).
+    z = torch.zeros(k, dtype=torch.double, requires_grad=True)
+    opt = torch.optim.Adam([z], lr=0.05)
+    for _ in range(3000):
+        opt.zero_grad()
+        (z.softmax(0) @ e).pow(2).sum().backward()
+        opt.step()
+    nearest = (z.softmax(0) @ e).detach()
+    away = -nearest / nearest.norm()
+    return pairwise, float((e @ away).max())
 
 
 def print_curve(run: Path) -> None:
