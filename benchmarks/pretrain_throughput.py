@@ -2,7 +2,8 @@
 pseudo labelling, prepared for inference against the plain teacher.
 
 engine = ``rclip_core.engine.train`` as `rclip pretrain` runs it (step sampler, DataLoader and its workers, AMP
-         context, loss checks and all-reduce, gradient clipping, scheduler, metrics records), wall time of the call;
+         context, loss checks and all-reduce, gradient clipping, scheduler, metrics records), steps/s from the end
+         of the first step to the end of the last (steady state; the call's one-time start-up is printed apart);
 bare   = the same model, ``compute_losses``, backward, gradient clipping and SGD step over batches read beforehand,
          nothing else;
 teacher = pseudo labels of one batch's regions (teacher RoIAlign → res5 → attention pool, softmax over the concept
@@ -12,18 +13,19 @@ teacher = pseudo labels of one batch's regions (teacher RoIAlign → res5 → at
 Interleaved repeats, best of each; peak memory of each training path in a fresh subprocess (VmHWM).
 Regions are the original's RANDOM boxes (no RPN: its frozen forward is the same for both paths).
 
-    python benchmarks/pretrain_throughput.py [--quick] [--variant tiny|RN50]
+    python benchmarks/pretrain_throughput.py [--quick] [--variant tiny|RN50] [--workers N]
 
 Each recipe's own data settings: tiny (pretrain_tiny_toyworld): 128 px images, 16 per step, 8 regions each, decoded
 images cached in memory and no loader workers (so the first repeat decodes, later ones read the cache: best-of
 measures the steady state); RN50: batch 2 of 640×480 images kept
 at that size (pretrain.min_sizes [480]; the paper's 640-800 would upsample them), 100 regions each (the paper's),
-one loader worker per spare core.
+one loader worker per spare core (``--workers N`` sets the engine's count, e.g. 0 to load in the main process).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -92,15 +94,33 @@ def build(root: Path, variant: str, steps: int):
     return recipe, model, dataset
 
 
-def run_engine(model, dataset, cfg) -> float:
-    """Steps per second of one ``engine.train`` call (wall time of the whole call)."""
+class _StepClock:
+    """Engine hook: the time at which each step ended."""
+
+    def __init__(self) -> None:
+        self.ends: list[float] = []
+
+    def after_step(self, info) -> None:
+        self.ends.append(time.perf_counter())
+
+
+def steady(start: float, ends: list[float]) -> tuple[float, float]:
+    """(steps/s after the first step, seconds of the whole call beyond that rate). The first step carries the loop's
+    one-time start-up (the loader's worker, the optimizer's state), paid once per run, not per step."""
+    rate = (len(ends) - 1) / (ends[-1] - ends[0])
+    return rate, (ends[-1] - start) - len(ends) / rate
+
+
+def run_engine(model, dataset, cfg) -> tuple[float, float]:
+    """Steady steps/s of one ``engine.train`` call and its start-up seconds (see :func:`steady`)."""
     from rclip_core import engine
     from rclip_core.pretrain import compute_losses, param_groups
 
+    clock = _StepClock()
     start = time.perf_counter()
-    result = engine.train(model, compute_losses, dataset, cfg, out_dir=None, recipe={}, section="pretrain",
-                          param_groups=param_groups(model), checkpoint_module=model.student)
-    return (result.step - result.start_step) / (time.perf_counter() - start)
+    engine.train(model, compute_losses, dataset, cfg, out_dir=None, recipe={}, section="pretrain",
+                 param_groups=param_groups(model), checkpoint_module=model.student, hooks=[clock])
+    return steady(start, clock.ends)
 
 
 def prepared_batches(dataset, cfg, steps: int) -> list[list[dict]]:
@@ -110,15 +130,15 @@ def prepared_batches(dataset, cfg, steps: int) -> list[list[dict]]:
                                                                    steps=steps, seed=cfg.seed)]
 
 
-def run_bare(model, batches, cfg) -> float:
-    """Steps per second of the bare loop: forward, losses, backward, clipping, SGD step."""
+def run_bare(model, batches, cfg) -> tuple[float, float]:
+    """Steady steps/s of the bare loop (forward, losses, backward, clipping, SGD step) and its start-up seconds."""
     from rclip_core.engine import COUNT_PREFIX, build_optimizer
     from rclip_core.pretrain import compute_losses, param_groups
 
     optimizer = build_optimizer(param_groups(model), cfg)
     params = [p for g in optimizer.param_groups for p in g["params"]]
     model.train()
-    start = time.perf_counter()
+    start, ends = time.perf_counter(), []
     for batch in batches:
         losses = compute_losses(model, batch)
         total = sum(v for k, v in losses.items() if not k.startswith(COUNT_PREFIX))
@@ -126,7 +146,8 @@ def run_bare(model, batches, cfg) -> float:
         total.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         optimizer.step()
-    return len(batches) / (time.perf_counter() - start)
+        ends.append(time.perf_counter())
+    return steady(start, ends)
 
 
 def teacher_pair(model, batches, repeats: int) -> tuple[float, float, float]:
@@ -166,12 +187,13 @@ def teacher_pair(model, batches, repeats: int) -> tuple[float, float, float]:
     return n_regions / best["prepared"], n_regions / best["plain"], diff
 
 
-def child(root: Path, variant: str, which: str, steps: int) -> None:
+def child(root: Path, variant: str, which: str, steps: int, workers: int | None) -> None:
     recipe, model, dataset = build(root, variant, steps)
+    cfg = recipe.pretrain if workers is None else dataclasses.replace(recipe.pretrain, num_workers=workers)
     if which == "engine":
-        run_engine(model, dataset, recipe.pretrain)
+        run_engine(model, dataset, cfg)
     else:
-        run_bare(model, prepared_batches(dataset, recipe.pretrain, steps), recipe.pretrain)
+        run_bare(model, prepared_batches(dataset, cfg, steps), cfg)
     print(json.dumps({"peak_mib": peak_rss_mib()}))
 
 
@@ -181,6 +203,7 @@ def main() -> None:
     ap.add_argument("--variant", default="tiny", choices=["tiny", "RN50"])
     ap.add_argument("--steps", type=int, help="steps per timed run (default: tiny 20, RN50 3)")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--workers", type=int, help="the engine's loader workers (default: the recipe's)")
     ap.add_argument("--child", choices=["engine", "bare"], help=argparse.SUPPRESS)
     ap.add_argument("--root", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -189,7 +212,7 @@ def main() -> None:
     if args.quick:
         steps, repeats = max(2, steps // 4), 1
     if args.child:
-        return child(args.root, args.variant, args.child, steps)
+        return child(args.root, args.variant, args.child, steps, args.workers)
     name = f"pretrain_{args.variant.lower()}"
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -197,16 +220,23 @@ def main() -> None:
         make_data(root, args.variant, n_images=max(8, 2 * recipe0.pretrain.batch_size))
         recipe, model, dataset = build(root, args.variant, steps)
         cfg = recipe.pretrain
+        if args.workers is not None:
+            cfg = dataclasses.replace(cfg, num_workers=args.workers)
+        from rclip_core.engine import default_num_workers
+
         what = (f"batch {cfg.batch_size}, {cfg.regions_per_image} regions/image, "
-                f"{'128 px' if args.variant == 'tiny' else '640x480'}, {steps} steps/run")
+                f"{'128 px' if args.variant == 'tiny' else '640x480'}, {steps} steps/run, "
+                f"{default_num_workers(cfg.num_workers)} loader workers")
         print(f"# {what}; load {os.getloadavg()[0]:.2f}", flush=True)
         batches = prepared_batches(dataset, cfg, steps)
-        run_bare(model, batches[:1], cfg)  # warm-up
+        run_bare(model, batches[:2], cfg)  # warm-up
         ours, bare = [], []
         for _ in range(repeats):
             bare.append(run_bare(model, batches, cfg))
             ours.append(run_engine(model, dataset, cfg))
-        print(bench_line(f"{name}_engine", max(ours), max(bare), "it/s") + f"  [{what}]", flush=True)
+        (rate_ours, up_ours), (rate_bare, up_bare) = max(ours), max(bare)
+        print(bench_line(f"{name}_engine", rate_ours, rate_bare, "it/s") + f"  [{what}; steps 2-{steps}, "
+              f"best of {repeats}; start-up once per run: engine {up_ours:.1f} s, bare {up_bare:.1f} s]", flush=True)
         t_ours, t_plain, diff = teacher_pair(model, batches, repeats)
         print(bench_line(f"{name}_pseudo_labels", t_ours, t_plain, "regions/s", baseline="plain")
               + f"  [teacher prepared vs plain; max |dprob| {diff:.1e}]", flush=True)
@@ -215,7 +245,9 @@ def main() -> None:
                                                                          os.environ.get("PYTHONPATH")]))}
         for which in ("engine", "bare"):
             out = subprocess.run([sys.executable, __file__, "--child", which, "--root", str(root), "--variant",
-                                  args.variant, "--steps", str(steps)], capture_output=True, text=True, check=True,
+                                  args.variant, "--steps", str(steps),
+                                  *(["--workers", str(args.workers)] if args.workers is not None else [])],
+                                 capture_output=True, text=True, check=True,
                                  env=env)
             peaks[which] = json.loads(out.stdout.strip().splitlines()[-1])["peak_mib"]
         print(bench_line(f"{name}_peak_mem", peaks["engine"], peaks["bare"], "MiB") + f"  [{what}]")
