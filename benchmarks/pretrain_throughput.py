@@ -25,7 +25,6 @@ one loader worker per spare core (``--workers N`` sets the engine's count, e.g. 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import subprocess
@@ -73,10 +72,12 @@ def make_data(root: Path, variant: str, n_images: int) -> None:
                     templates=["a photo of a {}."]), root / "concepts.pt")
 
 
-def recipe_for(root: Path, variant: str, steps: int):
+def recipe_for(root: Path, variant: str, steps: int, workers: int | None = None):
+    """The benchmark's recipe; ``workers`` overrides ``pretrain.num_workers`` (None keeps the recipe's)."""
     from rclip_core.recipes import load_recipe
 
-    common = [f"pretrain.captions={root / 'captions.jsonl'}", f"pretrain.images={root / 'images'}",
+    common = [*([f"pretrain.num_workers={workers}"] if workers is not None else []),
+              f"pretrain.captions={root / 'captions.jsonl'}", f"pretrain.images={root / 'images'}",
               f"pretrain.concepts={root / 'concepts.pt'}", "pretrain.regions=random", f"pretrain.steps={steps}",
               "pretrain.checkpoint_every=0", "pretrain.warmup_steps=0"]
     if variant == "tiny":
@@ -85,10 +86,10 @@ def recipe_for(root: Path, variant: str, steps: int):
                               "pretrain.min_sizes=[480]", "pretrain.max_size=640", *common])
 
 
-def build(root: Path, variant: str, steps: int):
+def build(root: Path, variant: str, steps: int, workers: int | None = None):
     from rclip_core.pretrain import build_stage
 
-    recipe = recipe_for(root, variant, steps)
+    recipe = recipe_for(root, variant, steps, workers)
     torch.manual_seed(0)
     model, dataset = build_stage(recipe)
     return recipe, model, dataset
@@ -188,8 +189,8 @@ def teacher_pair(model, batches, repeats: int) -> tuple[float, float, float]:
 
 
 def child(root: Path, variant: str, which: str, steps: int, workers: int | None) -> None:
-    recipe, model, dataset = build(root, variant, steps)
-    cfg = recipe.pretrain if workers is None else dataclasses.replace(recipe.pretrain, num_workers=workers)
+    recipe, model, dataset = build(root, variant, steps, workers)
+    cfg = recipe.pretrain
     if which == "engine":
         run_engine(model, dataset, cfg)
     else:
@@ -207,7 +208,8 @@ def main() -> None:
     ap.add_argument("--child", choices=["engine", "bare"], help=argparse.SUPPRESS)
     ap.add_argument("--root", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    steps = args.steps or (20 if args.variant == "tiny" else 3)
+    # Steady rates are taken after the first step (see steady), so a run needs two steps at least.
+    steps = max(2, args.steps or (20 if args.variant == "tiny" else 3))
     repeats = args.repeats
     if args.quick:
         steps, repeats = max(2, steps // 4), 1
@@ -218,10 +220,8 @@ def main() -> None:
         root = Path(tmp)
         recipe0 = recipe_for(root, args.variant, steps)
         make_data(root, args.variant, n_images=max(8, 2 * recipe0.pretrain.batch_size))
-        recipe, model, dataset = build(root, args.variant, steps)
+        recipe, model, dataset = build(root, args.variant, steps, args.workers)
         cfg = recipe.pretrain
-        if args.workers is not None:
-            cfg = dataclasses.replace(cfg, num_workers=args.workers)
         from rclip_core.engine import default_num_workers
 
         what = (f"batch {cfg.batch_size}, {cfg.regions_per_image} regions/image, "
