@@ -326,15 +326,23 @@ class TrainingProgress:
     def __init__(self, description: str, total: int, start: int = 0) -> None:
         self.progress = make_progress()
         self.task = self.progress.add_task(description, total=total, completed=start, rate="")
+        self.stepped = False
 
     def __enter__(self) -> TrainingProgress:
         self.progress.start()
         return self
 
-    def __exit__(self, *exc: Any) -> None:
-        self.progress.stop()
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
+        # A run refused before its first step (bad data found while building) leaves its error alone on the screen,
+        # not under an empty 0/N bar.
+        if exc_type is not None and not self.stepped:
+            self.progress.live.transient = True
+            self.progress.live.stop()  # Progress.stop would add a blank line where stderr is not a terminal
+        else:
+            self.progress.stop()
 
     def after_step(self, info: Any) -> None:
+        self.stepped = True
         shown = " ".join(f"{k.removeprefix('loss_')} {v:.3f}" for k, v in info.losses.items())
         self.progress.update(self.task, completed=info.step, rate=f"{shown} lr {info.lr:.2g}")
 

@@ -5,6 +5,7 @@ checkpoint as an ordinary CLIP checkpoint for `rclip embed` / `rclip zeroshot`, 
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -211,6 +212,8 @@ def test_bad_inputs_are_one_line_and_write_nothing(toy, tmp_path):
         assert res.exit_code == 1, res.output
         last = res.output.strip().splitlines()[-1]
         assert last.startswith("Error:") and "Traceback" not in res.output, res.output
+        # no empty progress bar ("pretrain  0/2  0:00:00") above an error found while building the stage
+        assert not re.search(r" 0/\d+ ", res.output), res.output
         for n in needles:
             assert n in last, last
         assert not (out / "checkpoint.pt").exists()
