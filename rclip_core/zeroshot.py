@@ -97,6 +97,8 @@ def prepare_images(names: Sequence[str], source: RegionSource, *, image_dir: str
         folder_mode = True
     if limit is not None:
         records = records[:limit]
+    if source.kind == "gt" and not any(len(r.gt_boxes) for r in records):
+        raise RclipError(f"{ann}: no boxes to name (its {len(records)} images hold no annotations)")
     root = Path(image_dir) if image_dir is not None else Path(".")  # absolute file names ignore the root
     if source.kind == "proposals":
         attach_proposals(records, source.path, stats)

@@ -35,6 +35,7 @@ ANNOTATION_CASES = {
                       "negative width or height"),
     "NaN size": (_ann(annotations=[{"id": 1, "image_id": 1, "category_id": 1, "bbox": [0, 0, math.nan, 5]}]),
                  "non-finite value"),
+    "no boxes at all": (_ann(annotations=[]), "no boxes to name"),
 }
 
 
@@ -47,6 +48,7 @@ def run_dir(tmp_path):
     (tmp_path / "broken.json").write_text('{"images": [')
     (tmp_path / "exists.json").write_text("[]")
     (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint")
+    (tmp_path / "corrupt.jpg").write_bytes(b"not a picture")
     (tmp_path / "bad.yaml").write_text("zeroshot: [unclosed\n")
     (tmp_path / "empty.txt").write_text("\n")
     (tmp_path / "crashed").mkdir()  # a run that died before its first checkpoint
@@ -104,6 +106,8 @@ def cases(d):
         "empty class list, new picture folder": ([*vis, "--classes", " , "], "the class list is empty"),
         "missing picture": (["visualize", d / "nope.jpg", "--variant", "tiny", "--out", d / "vis"],
                             "no such image or folder"),
+        "no readable picture": (["visualize", d / "corrupt.jpg", "--variant", "tiny", "--out", d / "vis"],
+                                "no image could be read: "),
         "run folder of a crashed run": (["rpn", "train", "--recipe", "rpn_r10c4_toyworld_base", "--annotations",
                                          d / "ann.json", "--images", d / "images", "--out", d / "crashed"],
                                         "already holds a run"),
@@ -127,7 +131,9 @@ def cases(d):
 
 
 CASE_NAMES = list(cases(__import__("pathlib").Path("/x")))
-MODEL_CASES = {"wrong checkpoint", "checkpoint of another variant"}  # the culprit is the model's own file
+# The culprit is the model's own file, or pictures, which are decoded as the model runs (so that reading overlaps
+# recognising): found after the model is built, still before anything is written.
+MODEL_CASES = {"wrong checkpoint", "checkpoint of another variant", "no readable picture"}
 
 
 @pytest.mark.parametrize("name", CASE_NAMES)
