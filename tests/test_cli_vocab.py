@@ -75,6 +75,10 @@ def test_build_errors_name_the_culprit(runner, tmp_path):
     (tmp_path / "latin1.tsv").write_bytes("a dog\thttp://x/1.jpg\ncaf\xe9\thttp://x/2.jpg\n".encode("latin-1"))
     res = _build(runner, tmp_path / "latin1.tsv", "--out", out, "--min-freq", 1)
     assert res.exit_code == 1 and "latin1.tsv line 2: not UTF-8 text" in res.output
+    (tmp_path / "verbs.txt").write_text("quickly running\nslowly\n")
+    res = _build(runner, tmp_path / "verbs.txt", "--out", out, "--min-freq", 1)
+    last = res.output.strip().splitlines()[-1]
+    assert res.exit_code == 1 and "no concept (noun) found in the 2 captions of" in last and "verbs.txt" in last
     assert not out.exists() and not (tmp_path / "c.json").exists()
 
 

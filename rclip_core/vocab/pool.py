@@ -91,6 +91,9 @@ def build_vocabulary(paths: Sequence[str | Path], extractor: ConceptExtractor, *
 
     counts, n_captions = count_concepts(stream(), extractor, workers=workers, batch_size=batch_size,
                                         on_progress=on_progress)
+    if not counts:  # the culprit is the caption files: name them
+        raise RclipError(f"no concept (noun) found in the {n_captions} captions of "
+                         f"{', '.join(e['path'] for e in inputs)}")
     kept = select_concepts(counts, min_freq=min_freq, max_size=max_size)
     from rclip_core import __version__ as rclip_version
 
