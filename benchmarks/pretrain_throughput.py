@@ -19,7 +19,8 @@ Each recipe's own data settings: tiny (pretrain_tiny_toyworld): 128 px images, 1
 images cached in memory and no loader workers (so the first repeat decodes, later ones read the cache: best-of
 measures the steady state); RN50: batch 2 of 640×480 images kept
 at that size (pretrain.min_sizes [480]; the paper's 640-800 would upsample them), 100 regions each (the paper's),
-one loader worker per spare core (``--workers N`` sets the engine's count, e.g. 0 to load in the main process).
+the engine's default loader workers (none on two cores or fewer; ``--workers N`` sets the count, e.g. 1 to
+measure a forked worker beside the training process).
 """
 
 from __future__ import annotations

@@ -126,11 +126,11 @@ class StepSampler:
 
 
 def default_num_workers(requested: int | None) -> int:
-    """``requested``, or one worker per available core beyond the first (:func:`rclip_core.runtime.num_workers`,
-    the one home of this rule; kept here under its old name)."""
+    """``requested``, or the training loader's default (:func:`rclip_core.runtime.num_workers` with
+    ``training=True``, the one home of this rule: none on two cores or fewer, else one per core beyond the first)."""
     from rclip_core.runtime import num_workers
 
-    return num_workers(requested)
+    return num_workers(requested, training=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -141,7 +141,8 @@ class SolverCfg:
     seed: int = 0
     # Write OUT/checkpoint.pt every N steps (and at the end, and on Ctrl-C); 0 = only then.
     checkpoint_every: int = 1000
-    # DataLoader worker processes; null = one per available core beyond the first, at most 4.
+    # DataLoader worker processes; null = one per available core beyond the first, at most 4, and none on two cores
+    # or fewer (a worker beside the training process slowed it there: rclip_core/runtime.py).
     num_workers: int | None = None
 
 

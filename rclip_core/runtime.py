@@ -50,12 +50,21 @@ def available_cores() -> int:
     return max(1, min(cores, quota) if quota is not None else cores)
 
 
-def num_workers(requested: int | None) -> int:
+def num_workers(requested: int | None, *, training: bool = False) -> int:
     """DataLoader workers: ``requested``, or one per available core beyond the first (the main process computes on
-    that one), at most :data:`MAX_WORKERS`. Two cores give one worker, one core none."""
+    that one), at most :data:`MAX_WORKERS`. Two cores give one worker, one core none.
+
+    ``training``: the training engine's loader, which on two cores or fewer gets no worker. A worker forked beside a
+    training process shares both cores with its compute threads, and on 2 cores RN50 pretraining ran 7-9 % slower
+    per step with one than loading in the main process (steps 2-10; 0.82-1.00 of a bare loop over five benchmark
+    runs against 1.00-1.09; README "Pretraining throughput"), while its decoding is a few tens of milliseconds of
+    a ten-second step."""
     if requested is not None:
         return max(0, int(requested))
-    return max(0, min(MAX_WORKERS, available_cores() - 1))
+    cores = available_cores()
+    if training and cores <= 2:
+        return 0
+    return max(0, min(MAX_WORKERS, cores - 1))
 
 
 def num_threads() -> int:

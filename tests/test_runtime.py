@@ -34,6 +34,17 @@ def test_workers_are_one_per_core_beyond_the_first_at_most_four(cores):
     assert runtime.num_workers(3) == 3 and runtime.num_workers(0) == 0  # an explicit choice is kept
 
 
+def test_training_loads_in_its_own_process_on_two_cores_or_fewer(cores):
+    for n, expected in ((1, 0), (2, 0), (3, 2), (5, 4), (64, 4)):
+        cores(n)
+        assert runtime.num_workers(None, training=True) == expected, n
+    cores(2)
+    assert runtime.num_workers(1, training=True) == 1  # an explicit choice is kept
+    from rclip_core.engine import default_num_workers
+
+    assert default_num_workers(None) == 0 and default_num_workers(2) == 2  # the engine asks as a training loader
+
+
 def test_a_cgroup_quota_caps_the_cores(cores, monkeypatch):
     cores(16)
     monkeypatch.setattr(runtime, "_cgroup_quota_cores", lambda: 2)
@@ -61,12 +72,12 @@ def test_cgroup_files_are_read_as_whole_cores(monkeypatch, tmp_path):
     assert runtime._cgroup_quota_cores() is None
 
 
-def test_training_engine_starts_one_worker_on_two_cores(cores, monkeypatch):
-    """`rclip rpn train` (and every training stage) loads data through the engine: on 2 cores, one worker, not 4."""
+def test_training_engine_sizes_its_workers_from_the_available_cores(cores, monkeypatch):
+    """`rclip rpn train` (and every training stage) loads data through the engine: on 2 cores in the main process,
+    on 3 with two workers, never the machine's count."""
     from tests.test_engine import CFG, Net, Noisy, losses
 
     assert RpnTrainCfg().num_workers is None and load_recipe(None, []).rpn.num_workers is None
-    cores(2)
     seen = []
     real = engine.DataLoader
 
@@ -77,11 +88,13 @@ def test_training_engine_starts_one_worker_on_two_cores(cores, monkeypatch):
     monkeypatch.setattr(engine, "DataLoader", recording)
     threads = torch.get_num_threads()
     try:
-        engine.train(Net(), losses, Noisy(), dataclasses.replace(CFG, steps=1, num_workers=None), out_dir=None,
-                     recipe={})
+        for n in (2, 3):
+            cores(n)
+            engine.train(Net(), losses, Noisy(), dataclasses.replace(CFG, steps=1, num_workers=None), out_dir=None,
+                         recipe={})
     finally:
         torch.set_num_threads(threads)
-    assert seen == [1]
+    assert seen == [0, 2]
 
 
 def test_torch_threads_are_lowered_to_the_available_cores(cores):
