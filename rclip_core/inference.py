@@ -70,7 +70,7 @@ def iterate_images(dataset: Dataset, summary: RunSummary, *, batch_size: int = 1
     summary.seconds = time.perf_counter() - start
     if done and len(summary.images_skipped) == done:  # nothing to show for the run: an error, not an empty result
         more = f" and {done - 1} more" if done > 1 else ""
-        raise RclipError(f"no image could be read: {summary.images_skipped[0]}{more}")
+        raise RclipError(f"no image could be read or used: {summary.images_skipped[0]}{more}")
 
 
 def run_detection(detector: RegionDetector, dataset: Dataset, *, category_ids: list[int], batch_size: int = 1,

@@ -54,11 +54,10 @@ def num_workers(requested: int | None, *, training: bool = False) -> int:
     """DataLoader workers: ``requested``, or one per available core beyond the first (the main process computes on
     that one), at most :data:`MAX_WORKERS`. Two cores give one worker, one core none.
 
-    ``training``: the training engine's loader, which on two cores or fewer gets no worker. A worker forked beside a
-    training process shares both cores with its compute threads, and on 2 cores RN50 pretraining ran 7-9 % slower
-    per step with one than loading in the main process (steps 2-10; 0.82-1.00 of a bare loop over five benchmark
-    runs against 1.00-1.09; README "Pretraining throughput"), while its decoding is a few tens of milliseconds of
-    a ten-second step."""
+    ``training``: the training engine's loader, which on two cores or fewer gets no worker: a worker forked beside a
+    training process shares both cores with its compute threads, and on 2 cores it made RN50 pretraining slower per
+    step than decoding in the main process (measured in README "Pretraining throughput"), decoding being a small
+    part of a training step."""
     if requested is not None:
         return max(0, int(requested))
     cores = available_cores()

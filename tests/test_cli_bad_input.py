@@ -107,7 +107,7 @@ def cases(d):
         "missing picture": (["visualize", d / "nope.jpg", "--variant", "tiny", "--out", d / "vis"],
                             "no such image or folder"),
         "no readable picture": (["visualize", d / "corrupt.jpg", "--variant", "tiny", "--out", d / "vis"],
-                                "no image could be read: "),
+                                "no image could be read or used: "),
         "run folder of a crashed run": (["rpn", "train", "--recipe", "rpn_r10c4_toyworld_base", "--annotations",
                                          d / "ann.json", "--images", d / "images", "--out", d / "crashed"],
                                         "already holds a run"),
