@@ -127,7 +127,7 @@ class StepSampler:
 
 def default_num_workers(requested: int | None) -> int:
     """``requested``, or the training loader's default (:func:`rclip_core.runtime.num_workers` with
-    ``training=True``, the one home of this rule: none on two cores or fewer, else one per core beyond the first)."""
+    ``training=True``, the one home of this rule)."""
     from rclip_core.runtime import num_workers
 
     return num_workers(requested, training=True)

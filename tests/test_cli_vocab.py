@@ -78,7 +78,7 @@ def test_build_errors_name_the_culprit(runner, tmp_path):
     (tmp_path / "verbs.txt").write_text("quickly running\nslowly\n")
     res = _build(runner, tmp_path / "verbs.txt", "--out", out, "--min-freq", 1)
     last = res.output.strip().splitlines()[-1]
-    assert res.exit_code == 1 and "no concept (noun) found in the 2 captions of" in last and "verbs.txt" in last
+    assert res.exit_code == 1 and "no concept found in the 2 captions of" in last and "verbs.txt" in last
     assert not out.exists() and not (tmp_path / "c.json").exists()
 
 

@@ -37,14 +37,16 @@ class Vocabulary:
     provenance: dict = field(default_factory=dict)
 
 
-def select_concepts(counts: Counter, *, min_freq: int = 100, max_size: int | None = None) -> list[str]:
+def select_concepts(counts: Counter, *, min_freq: int = 100, max_size: int | None = None,
+                    source: str = "the captions") -> list[str]:
     """Concepts seen at least ``min_freq`` times, most frequent first (ties alphabetical), at most ``max_size``.
 
-    Raises :class:`RclipError`, stating the highest count seen, when none survives.
+    Raises :class:`RclipError`, naming ``source`` when no concept was seen at all and stating the highest count seen
+    when none survives.
     """
     ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
     if not ranked:
-        raise RclipError("no concept found in the captions")
+        raise RclipError(f"no concept found in {source}")
     kept = [c for c, n in ranked if n >= min_freq][:max_size]
     if not kept:
         top, n = ranked[0]
@@ -91,10 +93,8 @@ def build_vocabulary(paths: Sequence[str | Path], extractor: ConceptExtractor, *
 
     counts, n_captions = count_concepts(stream(), extractor, workers=workers, batch_size=batch_size,
                                         on_progress=on_progress)
-    if not counts:  # the culprit is the caption files: name them
-        raise RclipError(f"no concept (noun) found in the {n_captions} captions of "
-                         f"{', '.join(e['path'] for e in inputs)}")
-    kept = select_concepts(counts, min_freq=min_freq, max_size=max_size)
+    kept = select_concepts(counts, min_freq=min_freq, max_size=max_size,
+                           source=f"the {n_captions} captions of {', '.join(e['path'] for e in inputs)}")
     from rclip_core import __version__ as rclip_version
 
     provenance = {"format": VOCAB_FORMAT, "rclip_version": rclip_version, "inputs": inputs, "captions": n_captions,
