@@ -143,7 +143,7 @@ class SolverCfg:
     checkpoint_every: int = 1000
     # DataLoader worker processes; null = one per available core beyond the first, at most 4, and none on two cores
     # or fewer (a worker beside the training process slowed it there: rclip_core/runtime.py).
-    num_workers: int | None = None
+    num_workers: int | None = field(default=None, metadata=within(0, None))
 
 
 @dataclass

@@ -54,6 +54,9 @@ def test_set_overrides_are_typed_and_checked():
         load_recipe(None, ["zeroshot.nms_thresh.x=1"])
     with pytest.raises(RclipError, match="zeroshot.max_dets"):
         load_recipe(None, ["zeroshot.max_dets=0.5"])
+    for section in ("pretrain", "finetune", "rpn.train"):  # the training stages share SolverCfg's ranges
+        with pytest.raises(RclipError, match=rf"'{section}.num_workers' must be in \[0, inf\], got -1"):
+            load_recipe(None, [f"{section}.num_workers=-1"])
 
 
 def test_malformed_and_missing_yaml(tmp_path):
