@@ -13,7 +13,10 @@ teacher = pseudo labels of one batch's regions (teacher RoIAlign → res5 → at
 Interleaved repeats, best of each; peak memory of each training path in a fresh subprocess (VmHWM).
 Regions are the original's RANDOM boxes (no RPN: its frozen forward is the same for both paths).
 
-    python benchmarks/pretrain_throughput.py [--quick] [--variant tiny|RN50] [--workers N]
+    python benchmarks/pretrain_throughput.py [--quick] [--variant tiny|RN50] [--workers N] [--compare-workers N]
+
+``--compare-workers N`` measures only the engine, with N loader workers against the engine's default, interleaved
+in one run (steady steps/s as above): what a forked loader worker costs or saves on this machine.
 
 Each recipe's own data settings: tiny (pretrain_tiny_toyworld): 128 px images, 16 per step, 8 regions each, decoded
 images cached in memory and no loader workers (so the first repeat decodes, later ones read the cache: best-of
@@ -26,6 +29,7 @@ measure a forked worker beside the training process).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -189,6 +193,22 @@ def teacher_pair(model, batches, repeats: int) -> tuple[float, float, float]:
     return n_regions / best["prepared"], n_regions / best["plain"], diff
 
 
+def compare_workers(model, dataset, cfg, workers: int, repeats: int, name: str, what: str) -> None:
+    """The engine with ``workers`` loader workers against the engine as ``cfg`` sets it, interleaved, best of each."""
+    from rclip_core.engine import default_num_workers
+
+    other = dataclasses.replace(cfg, num_workers=workers)
+    base = default_num_workers(cfg.num_workers)
+    ours, ref = [], []
+    for _ in range(repeats):
+        ours.append(run_engine(model, dataset, other))
+        ref.append(run_engine(model, dataset, cfg))
+    (rate_ours, up_ours), (rate_ref, up_ref) = max(ours), max(ref)
+    print(bench_line(f"{name}_engine_workers{workers}", rate_ours, rate_ref, "it/s", baseline=f"workers{base}")
+          + f"  [{what}; steps 2-{cfg.steps}, best of {repeats}; start-up once per run: {workers} workers "
+          f"{up_ours:.1f} s, {base} workers {up_ref:.1f} s]", flush=True)
+
+
 def child(root: Path, variant: str, which: str, steps: int, workers: int | None) -> None:
     recipe, model, dataset = build(root, variant, steps, workers)
     cfg = recipe.pretrain
@@ -206,6 +226,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, help="steps per timed run (default: tiny 20, RN50 3)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--workers", type=int, help="the engine's loader workers (default: the recipe's)")
+    ap.add_argument("--compare-workers", type=int, metavar="N",
+                    help="only the engine: N loader workers against the --workers/default setting, in one run")
     ap.add_argument("--child", choices=["engine", "bare"], help=argparse.SUPPRESS)
     ap.add_argument("--root", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -229,6 +251,8 @@ def main() -> None:
                 f"{'128 px' if args.variant == 'tiny' else '640x480'}, {steps} steps/run, "
                 f"{default_num_workers(cfg.num_workers)} loader workers")
         print(f"# {what}; load {os.getloadavg()[0]:.2f}", flush=True)
+        if args.compare_workers is not None:
+            return compare_workers(model, dataset, cfg, args.compare_workers, repeats, name, what)
         batches = prepared_batches(dataset, cfg, steps)
         run_bare(model, batches[:2], cfg)  # warm-up
         ours, bare = [], []
